@@ -1,0 +1,33 @@
+"""grace_peft: lifelong model editing with GRACE, as a PEFT tuner.
+
+``import grace_peft`` registers the method with peft; after that ``get_peft_model(model, GraceConfig(...))``,
+``PeftModel.from_pretrained`` and transformers' ``model.load_adapter`` work as for any PEFT method.
+"""
+
+from .codebook import Codebook, CodebookOperation, CodebookShapeError, CodebookUpdate, ExpandRule
+from .config import GraceConfig
+from .editing import Edit, EditReport, GraceEditor, Task
+from .layer import GraceLayer, Linear
+from .model import GraceModel, codebook_sizes
+from .registration import register
+
+register(GraceConfig, GraceModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codebook",
+    "CodebookOperation",
+    "CodebookShapeError",
+    "CodebookUpdate",
+    "Edit",
+    "EditReport",
+    "ExpandRule",
+    "GraceConfig",
+    "GraceEditor",
+    "GraceLayer",
+    "GraceModel",
+    "Linear",
+    "Task",
+    "codebook_sizes",
+]

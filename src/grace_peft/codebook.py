@@ -1,0 +1,271 @@
+"""The GRACE codebook and the rules that change it (spec §2).
+
+This module knows nothing about PEFT or transformers: a :class:`Codebook` holds keys, values, radii, labels and
+edit ids as plain tensors, searches them, and applies one edit at a time with ADD / EXPAND / SPLIT (and OVERWRITE
+for the degenerate case of a query identical to a key with another label).
+
+Rules, with ``d`` the distance from the query to its nearest key ``i`` and ``E_i`` that key's radius:
+
+* hit at inference: ``d <= E_i`` for the nearest key; ties in distance go to the older key (lower index);
+* ADD: empty codebook, or ``d > eps_init + E_i`` (the query's ``eps_init`` ball would not touch key ``i``'s);
+* EXPAND: overlap and the same label (exact token ids); the radius grows per ``ExpandRule``;
+* SPLIT: overlap and another label; ``E_i = min(E_i, d / 2)`` (a split never grows a ball) and the new key gets
+  ``d / 2``. The two balls then touch at most in one point, which is a hit for the older key only;
+* OVERWRITE: ``d == 0`` exactly and another label; the entry takes the new label and a fresh value, since a
+  split would leave two identical keys of radius 0 and the new one could never be retrieved.
+
+All distances are computed in float32, whatever the dtype of the queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+__all__ = ["Codebook", "CodebookOperation", "CodebookShapeError", "CodebookUpdate", "ExpandRule"]
+
+
+class CodebookOperation(str, Enum):
+    """What one edit did to one codebook."""
+
+    ADD = "add"
+    EXPAND = "expand"
+    SPLIT = "split"
+    OVERWRITE = "overwrite"
+
+
+class ExpandRule(str, Enum):
+    """How EXPAND grows the nearest key's ball so that it covers the query."""
+
+    COVERAGE = "coverage"  # E_i = max(E_i, d): the authors' code
+    PAPER = "paper"  # E_i = E_i + eps_init
+    MOVING_AVERAGE = "moving_average"  # key moves halfway to the query, E_i = max(E_i, d / 2)
+
+
+class CodebookShapeError(ValueError):
+    """A saved codebook does not fit the layer it is loaded into."""
+
+
+@dataclass(frozen=True)
+class CodebookUpdate:
+    """The outcome of :meth:`Codebook.update`.
+
+    ``index`` is the entry whose value should now be trained; ``nearest`` and ``distance`` describe the nearest key
+    before the update (``None`` for an empty codebook).
+    """
+
+    operation: CodebookOperation
+    index: int
+    nearest: int | None
+    distance: float | None
+
+
+_FLOAT_TENSORS = ("keys", "values", "radii")
+_INT_TENSORS = ("label_tokens", "label_lengths", "edit_ids")
+
+
+class Codebook(nn.Module):
+    """Keys (layer inputs), values (replacement outputs), radii, labels and edit ids of one GRACE adaptor.
+
+    ``values`` is the only parameter; everything else is a persistent buffer. All floating tensors are float32.
+    Labels are stored ragged: ``label_tokens`` holds the token ids of all labels back to back and
+    ``label_lengths`` says how many belong to each entry. ``next_edit_id`` is the first id not yet used.
+    """
+
+    keys: torch.Tensor
+    radii: torch.Tensor
+    label_tokens: torch.Tensor
+    label_lengths: torch.Tensor
+    edit_ids: torch.Tensor
+    next_edit_id: torch.Tensor
+
+    def __init__(
+        self,
+        key_dim: int,
+        value_dim: int,
+        *,
+        eps_init: float,
+        expand_rule: ExpandRule | str = ExpandRule.COVERAGE,
+        size: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not eps_init > 0 or eps_init == float("inf"):
+            raise ValueError(f"eps_init must be a positive finite number, got {eps_init}.")
+        self.key_dim = key_dim
+        self.value_dim = value_dim
+        self.eps_init = float(eps_init)
+        self.expand_rule = ExpandRule(expand_rule)
+        f32 = {"dtype": torch.float32, "device": device}
+        i64 = {"dtype": torch.int64, "device": device}
+        self.register_buffer("keys", torch.zeros(size, key_dim, **f32))
+        self.values = nn.Parameter(torch.zeros(size, value_dim, **f32))
+        self.register_buffer("radii", torch.zeros(size, **f32))
+        self.register_buffer("label_tokens", torch.zeros(size, **i64))
+        self.register_buffer("label_lengths", torch.ones(size, **i64))
+        self.register_buffer("edit_ids", torch.zeros(size, **i64))
+        self.register_buffer("next_edit_id", torch.zeros((), **i64))
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"entries={len(self)}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
+            f"eps_init={self.eps_init}, expand_rule={self.expand_rule.value}"
+        )
+
+    # ----------------------------------------------------------------------------------------------- search
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest key of each query row: ``(index, distance)``, both of shape ``(B,)``.
+
+        One matrix product finds the nearest key; its distance is then recomputed directly from the difference, so
+        that a query equal to a key has distance exactly 0. An empty codebook gives index -1 and distance inf.
+        """
+        queries = self._as_queries(queries)
+        if len(self) == 0:
+            batch = queries.shape[0]
+            return (
+                torch.full((batch,), -1, dtype=torch.int64, device=queries.device),
+                torch.full((batch,), float("inf"), dtype=torch.float32, device=queries.device),
+            )
+        keys = self.keys
+        squared = (
+            queries.pow(2).sum(-1, keepdim=True) - 2.0 * queries @ keys.T + keys.pow(2).sum(-1).unsqueeze(0)
+        )
+        index = squared.argmin(dim=-1)
+        distance = (queries - keys[index]).norm(dim=-1)
+        return index, distance
+
+    def lookup(self, queries: torch.Tensor) -> torch.Tensor:
+        """Index of the entry each query row retrieves, or -1 where it defers to the layer (shape ``(B,)``)."""
+        index, distance = self.nearest(queries)
+        if len(self) == 0:
+            return index
+        hit = torch.isfinite(distance) & (distance <= self.radii[index.clamp_min(0)])
+        return torch.where(hit, index, torch.full_like(index, -1))
+
+    def label(self, index: int) -> torch.Tensor:
+        """Token ids of the label of entry ``index``."""
+        start, end = self._label_span(index)
+        return self.label_tokens[start:end]
+
+    # ----------------------------------------------------------------------------------------------- update
+    def update(
+        self, query: torch.Tensor, label: torch.Tensor, *, edit_id: int, init_value: torch.Tensor
+    ) -> CodebookUpdate:
+        """Apply one edit (``query`` of shape ``(key_dim,)``, ``label`` token ids) and say what happened.
+
+        ``init_value`` is the value a new entry starts from (ignored by EXPAND, which keeps training the value it
+        already has). The caller trains the value at ``CodebookUpdate.index`` afterwards (:meth:`set_value`).
+        """
+        query = self._as_queries(query).squeeze(0)
+        if not torch.isfinite(query).all():
+            raise ValueError("The query activation contains NaN or inf; the model's forward pass is broken here.")
+        label = self._as_label(label)
+        init_value = init_value.detach().to(device=self.keys.device, dtype=torch.float32).reshape(self.value_dim)
+        self.next_edit_id.fill_(max(int(self.next_edit_id), edit_id + 1))
+
+        if len(self) == 0:
+            return CodebookUpdate(CodebookOperation.ADD, self._append(query, init_value, self.eps_init, label, edit_id),
+                                  None, None)
+        index, distance = self.nearest(query.unsqueeze(0))
+        i, d = int(index), float(distance)
+        if d > self.eps_init + float(self.radii[i]):
+            new = self._append(query, init_value, self.eps_init, label, edit_id)
+            return CodebookUpdate(CodebookOperation.ADD, new, i, d)
+        if torch.equal(self.label(i), label):
+            self._expand(i, query, d)
+            return CodebookUpdate(CodebookOperation.EXPAND, i, i, d)
+        if d == 0.0:
+            self._set_label(i, label)
+            self.edit_ids[i] = edit_id
+            self.set_value(i, init_value)
+            return CodebookUpdate(CodebookOperation.OVERWRITE, i, i, d)
+        self.radii[i] = min(float(self.radii[i]), d / 2)
+        new = self._append(query, init_value, d / 2, label, edit_id)
+        return CodebookUpdate(CodebookOperation.SPLIT, new, i, d)
+
+    @torch.no_grad()
+    def set_value(self, index: int, value: torch.Tensor) -> None:
+        """Store a (trained) value for entry ``index``."""
+        self.values[index] = value.detach().to(self.values.device, torch.float32).reshape(self.value_dim)
+
+    # ----------------------------------------------------------------------------------------------- internals
+    def _as_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        queries = queries.detach().to(device=self.keys.device, dtype=torch.float32)
+        if queries.dim() == 1:
+            queries = queries.unsqueeze(0)
+        if queries.dim() != 2 or queries.shape[-1] != self.key_dim:
+            raise ValueError(f"Queries must have shape (batch, {self.key_dim}), got {tuple(queries.shape)}.")
+        return queries
+
+    def _as_label(self, label: torch.Tensor | list[int] | int) -> torch.Tensor:
+        label = torch.as_tensor(label, dtype=torch.int64, device=self.keys.device).reshape(-1)
+        if label.numel() == 0:
+            raise ValueError("An edit label must have at least one token id.")
+        return label
+
+    def _label_span(self, index: int) -> tuple[int, int]:
+        start = int(self.label_lengths[:index].sum())
+        return start, start + int(self.label_lengths[index])
+
+    def _set_label(self, index: int, label: torch.Tensor) -> None:
+        start, end = self._label_span(index)
+        self.label_tokens = torch.cat([self.label_tokens[:start], label, self.label_tokens[end:]])
+        self.label_lengths[index] = label.numel()
+
+    @torch.no_grad()
+    def _expand(self, index: int, query: torch.Tensor, distance: float) -> None:
+        radius = float(self.radii[index])
+        if self.expand_rule is ExpandRule.COVERAGE:
+            self.radii[index] = max(radius, distance)
+        elif self.expand_rule is ExpandRule.PAPER:
+            self.radii[index] = radius + self.eps_init
+        else:
+            self.keys[index] = (self.keys[index] + query) / 2
+            self.radii[index] = max(radius, distance / 2)
+
+    @torch.no_grad()
+    def _append(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: torch.Tensor, edit_id: int) -> int:
+        device = self.keys.device
+        self.keys = torch.cat([self.keys, key.unsqueeze(0)])
+        self.values = nn.Parameter(torch.cat([self.values.detach(), value.unsqueeze(0)]),
+                                   requires_grad=self.values.requires_grad)
+        self.radii = torch.cat([self.radii, torch.tensor([radius], dtype=torch.float32, device=device)])
+        self.label_tokens = torch.cat([self.label_tokens, label])
+        self.label_lengths = torch.cat([self.label_lengths, torch.tensor([label.numel()], device=device)])
+        self.edit_ids = torch.cat([self.edit_ids, torch.tensor([edit_id], device=device)])
+        return len(self) - 1
+
+    def _resize_to(self, name: str, rows: int) -> None:
+        current = getattr(self, name)
+        empty = torch.zeros((rows, *current.shape[1:]), dtype=current.dtype, device=current.device)
+        if name == "values":
+            self.values = nn.Parameter(empty, requires_grad=current.requires_grad)
+        else:
+            setattr(self, name, empty)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A codebook grows: resize along dim 0 to the saved size before torch compares shapes.
+        for name in _FLOAT_TENSORS + _INT_TENSORS:
+            saved = state_dict.get(prefix + name)
+            if saved is None:
+                continue
+            current = getattr(self, name)
+            if saved.dim() != current.dim() or saved.shape[1:] != current.shape[1:]:
+                module = prefix.removeprefix("base_model.model.").split(".grace_codebook.")[0]
+                raise CodebookShapeError(
+                    f"The GRACE codebook saved for module '{module}' does not fit this model: its '{name}' has shape "
+                    f"{tuple(saved.shape)}, but this module's codebook needs (n, {', '.join(map(str, current.shape[1:]))})"
+                    f" (layer input width {self.key_dim}, output width {self.value_dim}). The adapter was saved for a "
+                    "model with other layer shapes; load it onto the base model it was made for."
+                )
+            if saved.shape[0] != current.shape[0]:
+                self._resize_to(name, saved.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

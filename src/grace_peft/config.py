@@ -1,0 +1,114 @@
+"""`GraceConfig`: what a GRACE adapter edits and how it learns (round-trips through ``adapter_config.json``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
+
+from .codebook import ExpandRule
+from .registration import GRACE_PEFT_TYPE
+
+REPLACEMENT_MODES = ("replace_last", "replace_all", "replace_prompt")
+VALUE_INITS = ("warm", "cold")
+EARLY_STOP_RULES = ("predicted", "loss", "never")
+
+
+@dataclass
+class GraceConfig(PeftConfig):
+    """Configuration of a GRACE adapter (a codebook at each target module).
+
+    Args:
+        target_modules: Modules to wrap, as in every PEFT method: a list of exact names or name suffixes
+            (``["model.layers.20.mlp.down_proj"]``, ``["h.5.mlp.c_proj"]``), or one regex matched against the whole
+            name. GRACE is meant for one layer (an MLP output projection); several are allowed, each with its own
+            codebook.
+        exclude_modules: Modules never to wrap, same syntax.
+        eps_init: Radius of a new key (layer-input space, Euclidean). Larger balls generalize to more paraphrases
+            but risk firing on unrelated inputs; it depends on the layer's activation scale.
+        eps_expand: How a key's ball grows when a new edit with the same label lands inside it: ``"coverage"``
+            (radius becomes the distance to the query; the authors' code), ``"paper"`` (radius + eps_init) or
+            ``"moving_average"`` (the key moves halfway to the query).
+        replacement: Which output positions a retrieved value replaces: ``"replace_last"`` (only the query token,
+            the default: it leaves every other position of the sequence as the base model computes it),
+            ``"replace_all"`` (every position, the paper's broadcast) or ``"replace_prompt"`` (the prompt up to
+            and including the query token).
+        value_init: ``"warm"`` starts a new value from the layer's current output at the query token (the model is
+            unchanged until training moves it); ``"cold"`` draws it at random (the paper), seeded by ``seed`` and
+            the edit id, so editing never touches the global RNG.
+        learning_rate: Adam learning rate for the value of an edit (reference: 1.0).
+        max_steps: Cap on optimizer steps per edit (reference: 100).
+        early_stop: ``"predicted"`` stops once every target token is the argmax; ``"loss"`` once the loss is below
+            ``stop_loss``; ``"never"`` always runs ``max_steps`` (the reference procedure).
+        stop_loss: Loss threshold for ``early_stop="loss"``.
+        skip_if_correct: Skip edits whose target the model already predicts ("edit only on error", as the authors).
+        seed: Seed of the random values drawn by ``value_init="cold"``.
+        codebook_sizes: Filled in on save: entries per wrapped module, so that a fresh model can allocate the
+            codebook shapes before loading. Not meant to be set by hand.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (exact or suffix) or one regex of the modules that get a codebook."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (exact or suffix) or one regex of modules to leave alone."}
+    )
+    eps_init: float = field(default=1.0, metadata={"help": "Initial radius of a new key."})
+    eps_expand: Literal["coverage", "paper", "moving_average"] = field(
+        default="coverage", metadata={"help": "How a ball grows on a same-label edit."}
+    )
+    replacement: Literal["replace_last", "replace_all", "replace_prompt"] = field(
+        default="replace_last", metadata={"help": "Which positions a retrieved value replaces."}
+    )
+    value_init: Literal["warm", "cold"] = field(default="warm", metadata={"help": "How a new value starts."})
+    learning_rate: float = field(default=1.0, metadata={"help": "Adam learning rate for a value."})
+    max_steps: int = field(default=100, metadata={"help": "Maximum optimizer steps per edit."})
+    early_stop: Literal["predicted", "loss", "never"] = field(
+        default="predicted", metadata={"help": "When an edit stops training before max_steps."}
+    )
+    stop_loss: float = field(default=1e-2, metadata={"help": "Loss threshold for early_stop='loss'."})
+    skip_if_correct: bool = field(default=False, metadata={"help": "Skip edits the model already gets right."})
+    seed: int = field(default=0, metadata={"help": "Seed for value_init='cold'."})
+    codebook_sizes: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Entries per wrapped module, recorded on save."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = GRACE_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.target_modules is not None and len(self.target_modules) == 0:
+            raise ValueError("GraceConfig.target_modules is empty: name the module(s) to edit, e.g. "
+                             "target_modules=['model.layers.20.mlp.down_proj'].")
+        if not (isinstance(self.eps_init, (int, float)) and math.isfinite(self.eps_init) and self.eps_init > 0):
+            raise ValueError(f"GraceConfig.eps_init must be a positive finite number, got {self.eps_init!r}.")
+        ExpandRule(self.eps_expand)  # raises on an unknown rule
+        _check_choice("replacement", self.replacement, REPLACEMENT_MODES)
+        _check_choice("value_init", self.value_init, VALUE_INITS)
+        _check_choice("early_stop", self.early_stop, EARLY_STOP_RULES)
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"GraceConfig.learning_rate must be positive, got {self.learning_rate!r}.")
+        if int(self.max_steps) != self.max_steps or self.max_steps < 1:
+            raise ValueError(f"GraceConfig.max_steps must be a positive integer, got {self.max_steps!r}.")
+        self.codebook_sizes = {str(name): int(size) for name, size in (self.codebook_sizes or {}).items()}
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` atomically: an interrupted save leaves the previous file intact."""
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".grace-config-") as staging:
+            super().save_pretrained(staging, **kwargs)
+            os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"GraceConfig.{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")

@@ -1,0 +1,359 @@
+"""The edit loop (spec §3): one edit = probe, codebook update, train only the retrieved value, verify.
+
+:class:`GraceEditor` turns ``(prompt, target)`` pairs into edits of a GRACE-wrapped model:
+
+1. probe: a forward pass (no gradient) records, at every GRACE layer of the adapter, the query (the layer input at
+   the query token) and the layer's current output there; it also tells whether the target is already predicted;
+2. update: each layer's codebook applies ADD / EXPAND / SPLIT / OVERWRITE with the edit's exact target token ids;
+3. train: only the value chosen by the update is trained, by Adam on the model's own loss with the target labelled,
+   until the target is predicted (or another early-stop rule) and at most ``max_steps`` steps;
+4. verify: a normal inference pass (codebook lookup, no forcing) says whether the edit took.
+
+An edit that raises (or is interrupted) leaves the codebooks exactly as they were before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .codebook import CodebookOperation
+from .config import GraceConfig
+from .layer import GraceLayer
+from .query import IGNORE_INDEX
+
+
+class Task(str, Enum):
+    """What kind of model is edited: it decides how edits are tokenized and scored."""
+
+    CAUSAL_LM = "causal_lm"
+    SEQ2SEQ_LM = "seq2seq_lm"
+    SEQUENCE_CLASSIFICATION = "sequence_classification"
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One requested edit: a prompt and what the model should answer (a string, or a class id for classifiers)."""
+
+    prompt: str
+    target: Union[str, int]
+
+
+EditLike = Union[Edit, tuple, dict]
+
+
+@dataclass
+class EditReport:
+    """What one edit did. ``operations`` maps each wrapped module to its codebook operation (empty if skipped)."""
+
+    prompt: str
+    target: Union[str, int]
+    edit_id: int | None
+    skipped: bool
+    operations: dict[str, CodebookOperation] = field(default_factory=dict)
+    steps: int = 0
+    loss: float = float("nan")
+    success: bool = False
+    seconds: float = 0.0
+
+    @property
+    def operation(self) -> CodebookOperation | None:
+        """The codebook operation when exactly one module is wrapped (the usual case)."""
+        return next(iter(self.operations.values())) if len(self.operations) == 1 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["operations"] = {name: op.value for name, op in self.operations.items()}
+        return data
+
+
+@dataclass
+class EncodedEdit:
+    """Model inputs for one edit, and the exact token ids that label it in the codebook."""
+
+    inputs: dict[str, torch.Tensor]
+    label_ids: torch.Tensor
+
+
+def detect_task(model: nn.Module) -> Task:
+    """Guess the task from a transformers model (pass ``task=`` to :class:`GraceEditor` to override)."""
+    base = _transformers_model(model)
+    config = getattr(base, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return Task.SEQ2SEQ_LM
+    if type(base).__name__.endswith("ForSequenceClassification"):
+        return Task.SEQUENCE_CLASSIFICATION
+    can_generate = getattr(base, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        return Task.CAUSAL_LM
+    raise ValueError(f"Cannot tell how to edit a {type(base).__name__}; pass task='causal_lm', 'seq2seq_lm' or "
+                     "'sequence_classification' to GraceEditor.")
+
+
+def encode_edit(tokenizer, task: Task, prompt: str, target: Union[str, int]) -> EncodedEdit:
+    """Tokenize one edit. Causal LMs: ``prompt + " " + target`` with only the target tokens labelled (the leading
+    space is part of the target, as the model would generate it); seq2seq: the target as decoder labels;
+    classifiers: the class id."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"An edit needs a non-empty prompt, got {prompt!r}.")
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        if isinstance(target, bool) or not isinstance(target, int):
+            raise ValueError(f"A classifier edit's target is a class id (int), got {target!r}.")
+        inputs = tokenizer(prompt, return_tensors="pt")
+        label = torch.tensor([target])
+        return EncodedEdit({**inputs, "labels": label}, label)
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"An edit needs a non-empty target string, got {target!r} (prompt {prompt!r}).")
+    if task is Task.SEQ2SEQ_LM:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        labels = tokenizer(text_target=target, return_tensors="pt")["input_ids"]
+        return EncodedEdit({**inputs, "labels": labels}, labels[0])
+    prompt_ids, target_ids = causal_lm_token_ids(tokenizer, prompt, target)
+    input_ids = torch.tensor([prompt_ids + target_ids])
+    labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + target_ids])
+    return EncodedEdit(
+        {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels},
+        torch.tensor(target_ids),
+    )
+
+
+def causal_lm_token_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Prompt token ids and the target's continuation token ids, as the model sees ``prompt + " " + target``."""
+    separator = "" if target[:1].isspace() or prompt[-1:].isspace() else " "
+    eos = tokenizer.eos_token_id
+
+    def ids(text: str) -> list[int]:
+        tokens = tokenizer(text)["input_ids"]
+        return tokens[:-1] if tokens and eos is not None and tokens[-1] == eos else tokens
+
+    prompt_ids, full_ids = ids(prompt), ids(prompt + separator + target)
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return prompt_ids, full_ids[len(prompt_ids):]
+    # the tokenizer merged across the boundary: tokenize the continuation on its own
+    return prompt_ids, tokenizer(separator + target, add_special_tokens=False)["input_ids"]
+
+
+def target_predicted(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: is every labelled target token (or the class) the model's argmax? Causal LMs predict token ``t``
+    from position ``t - 1``."""
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        return logits.argmax(-1).to(labels.device) == labels
+    predictions = logits.argmax(-1).to(labels.device)
+    if task is Task.CAUSAL_LM:
+        predictions, labels = predictions[:, :-1], labels[:, 1:]
+    labelled = labels != IGNORE_INDEX
+    return ((predictions == labels) | ~labelled).all(-1) & labelled.any(-1)
+
+
+class GraceEditor:
+    """Applies edits to a model wrapped with a GRACE adapter (``get_peft_model(base, GraceConfig(...))``).
+
+    Args:
+        model: the PeftModel (or a transformers model with a GRACE adapter injected).
+        tokenizer: the base model's tokenizer.
+        adapter_name: the adapter to edit (default: the active one).
+        task: override the detected task (``"causal_lm"``, ``"seq2seq_lm"``, ``"sequence_classification"``).
+        progress: show a progress bar in :meth:`edit_many`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, adapter_name: str | None = None,
+                 task: Task | str | None = None, progress: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter_name = adapter_name or _single_active_adapter(model)
+        self.task = Task(task) if task is not None else detect_task(model)
+        self.progress = progress
+        self.layers = {
+            name.removeprefix("base_model.model."): module
+            for name, module in model.named_modules()
+            if isinstance(module, GraceLayer) and self.adapter_name in module.grace_codebook
+        }
+        if not self.layers:
+            raise ValueError(
+                f"No GRACE adapter named '{self.adapter_name}' in this model. Wrap the model first: "
+                "get_peft_model(model, GraceConfig(target_modules=[...])), after `import grace_peft`."
+            )
+
+    @property
+    def config(self) -> GraceConfig:
+        return self.model.peft_config[self.adapter_name]
+
+    # ------------------------------------------------------------------------------------------ public API
+    def edit(self, prompt: str, target: Union[str, int]) -> EditReport:
+        """Apply one edit and report what happened."""
+        encoded = encode_edit(self.tokenizer, self.task, prompt, target)
+        return self.apply(encoded, prompt=prompt, target=target)
+
+    def edit_many(self, edits: Iterable[EditLike], *, progress: bool | None = None) -> list[EditReport]:
+        """Apply a stream of edits in order (each sees the codebook left by the ones before it)."""
+        edits = [as_edit(item) for item in edits]
+        show = self.progress if progress is None else progress
+        reports = []
+        with tqdm(edits, desc="GRACE edits", unit="edit", disable=not show) as bar:
+            for item in bar:
+                reports.append(self.edit(item.prompt, item.target))
+                bar.set_postfix(keys=self.num_keys(), ok=sum(r.success for r in reports))
+        return reports
+
+    def num_keys(self) -> int:
+        """Codebook entries of the edited adapter, over all wrapped modules."""
+        return sum(len(layer.grace_codebook[self.adapter_name]) for layer in self.layers.values())
+
+    def apply(self, encoded: EncodedEdit, *, prompt: str = "", target: Union[str, int] = "") -> EditReport:
+        """Apply one already-tokenized edit."""
+        started = time.perf_counter()
+        inputs = {name: tensor.to(self._input_device()) for name, tensor in encoded.inputs.items()}
+        labels = inputs["labels"]
+        with _eval_mode(self.model), _codebooks_restored_on_error(self._codebooks()):
+            probes, logits = self._probe(inputs)
+            if self.config.skip_if_correct and bool(target_predicted(self.task, logits, labels).all()):
+                return EditReport(prompt, target, None, skipped=True, success=True,
+                                  seconds=time.perf_counter() - started)
+            edit_id = max(int(codebook.next_edit_id) for codebook in self._codebooks())
+            operations, trained = {}, {}
+            for name, layer in self.layers.items():
+                query, current = probes[name]
+                codebook = layer.grace_codebook[self.adapter_name]
+                update = codebook.update(query[0], encoded.label_ids, edit_id=edit_id,
+                                         init_value=self._initial_value(current[0], edit_id, name))
+                operations[name] = update.operation
+                trained[name] = (update.index, codebook.values[update.index].detach().clone().requires_grad_(True))
+            steps = self._train(inputs, {name: value for name, (_, value) in trained.items()})
+            for name, (index, value) in trained.items():
+                self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
+            loss, success = self._verify(inputs)
+        return EditReport(prompt, target, edit_id, skipped=False, operations=operations, steps=steps, loss=loss,
+                          success=success, seconds=time.perf_counter() - started)
+
+    # ------------------------------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def _probe(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                                torch.Tensor]:
+        for layer in self.layers.values():
+            layer.probe = {}
+        try:
+            logits = self.model(**inputs).logits
+            probes = {name: layer.probe.get(self.adapter_name) for name, layer in self.layers.items()}
+        finally:
+            for layer in self.layers.values():
+                layer.probe = None
+        missing = [name for name, probe in probes.items() if probe is None]
+        if missing:
+            raise RuntimeError(f"GRACE layers {missing} did not run in the forward pass; is the adapter active?")
+        for name, (query, _) in probes.items():
+            if not torch.isfinite(query).all():
+                raise ValueError(f"The input of '{name}' contains NaN or inf for this edit; the model's forward pass "
+                                 "is numerically broken before the edited layer (check its dtype and weights).")
+        return probes, logits
+
+    def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> int:
+        config = self.config
+        optimizer = torch.optim.Adam(list(values.values()), lr=config.learning_rate)
+        steps = 0
+        try:
+            with torch.enable_grad():
+                for _ in range(config.max_steps):
+                    for name, value in values.items():
+                        self.layers[name].trained_values[self.adapter_name] = value.unsqueeze(0)
+                    output = self.model(**inputs)
+                    if not torch.isfinite(output.loss):
+                        raise FloatingPointError(f"The edit's loss became {output.loss.item()} after {steps} steps; "
+                                                 "lower GraceConfig.learning_rate.")
+                    if self._done(output.logits, output.loss, inputs["labels"]):
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    output.loss.backward()
+                    optimizer.step()
+                    steps += 1
+        finally:
+            for layer in self.layers.values():
+                layer.trained_values.pop(self.adapter_name, None)
+        return steps
+
+    def _done(self, logits: torch.Tensor, loss: torch.Tensor, labels: torch.Tensor) -> bool:
+        rule = self.config.early_stop
+        if rule == "predicted":
+            return bool(target_predicted(self.task, logits, labels).all())
+        if rule == "loss":
+            return float(loss) < self.config.stop_loss
+        return False
+
+    @torch.no_grad()
+    def _verify(self, inputs: dict[str, torch.Tensor]) -> tuple[float, bool]:
+        output = self.model(**inputs)
+        return float(output.loss), bool(target_predicted(self.task, output.logits, inputs["labels"]).all())
+
+    def _initial_value(self, current_output: torch.Tensor, edit_id: int, layer_name: str) -> torch.Tensor:
+        if self.config.value_init == "warm":
+            return current_output
+        # Cold start: a random direction with the scale of the layer's output, from a private generator.
+        layer_index = sorted(self.layers).index(layer_name)
+        generator = torch.Generator().manual_seed(hash((self.config.seed, edit_id, layer_index)) % (2**63))
+        noise = torch.randn(current_output.shape, generator=generator)
+        return noise.to(current_output.device) * current_output.pow(2).mean().sqrt()
+
+    def _codebooks(self):
+        return [layer.grace_codebook[self.adapter_name] for layer in self.layers.values()]
+
+    def _input_device(self) -> torch.device:
+        embeddings = self.model.get_input_embeddings()
+        return embeddings.weight.device
+
+
+def as_edit(item: EditLike) -> Edit:
+    """Accept ``Edit``, ``(prompt, target)`` or ``{"prompt": ..., "target": ...}``."""
+    if isinstance(item, Edit):
+        return item
+    if isinstance(item, dict):
+        if "prompt" not in item or "target" not in item:
+            raise ValueError(f"An edit dict needs 'prompt' and 'target' keys, got {sorted(item)}.")
+        return Edit(item["prompt"], item["target"])
+    if isinstance(item, tuple) and len(item) == 2:
+        return Edit(*item)
+    raise ValueError(f"Cannot read an edit from {item!r}: use Edit(prompt, target), (prompt, target) or a dict.")
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _single_active_adapter(model: nn.Module) -> str:
+    active = getattr(model, "active_adapter", "default")
+    if isinstance(active, (list, tuple)):
+        if len(active) != 1:
+            raise ValueError(f"Several adapters are active ({active}); pass adapter_name= to choose the one to edit.")
+        return active[0]
+    return active
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Edit in eval mode (no dropout), then restore every module's own training flag."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def _codebooks_restored_on_error(codebooks: list[nn.Module]) -> Iterator[None]:
+    snapshots = [{name: tensor.detach().clone() for name, tensor in codebook.state_dict().items()}
+                 for codebook in codebooks]
+    try:
+        yield
+    except BaseException:
+        for codebook, snapshot in zip(codebooks, snapshots):
+            codebook.load_state_dict(snapshot)
+        raise

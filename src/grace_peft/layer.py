@@ -1,0 +1,163 @@
+"""The GRACE tuner layer: wraps a Linear (or GPT-2 Conv1D) and replaces its output where the codebook hits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .codebook import Codebook
+from .query import ForwardQuery, QueryContext
+
+MERGE_ERROR = (
+    "GRACE adapters cannot be merged into the base weights: a codebook is a lookup table (replace this layer's "
+    "output when the input is near a key), which no weight matrix can express. Keep the PeftModel for inference, "
+    "or call `unload()` to get the unedited base model back."
+)
+
+
+class GraceLayer(BaseTunerLayer):
+    """Common state of a GRACE-wrapped module: one :class:`Codebook` and one replacement mode per adapter.
+
+    The editor talks to the layer through two attributes that are empty outside an edit: ``probe`` (when a dict,
+    each forward records the query and current output of every active adapter into it) and ``trained_values``
+    (adapter name -> ``(batch, out_features)`` values forced on every row instead of a codebook lookup).
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("grace_codebook",)
+    other_param_names: tuple[str, ...] = ("grace_replacement",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.grace_codebook = nn.ModuleDict({})
+        self.grace_replacement: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        in_features, out_features = _get_in_out_features(base_layer)
+        if in_features is None or out_features is None:
+            raise ValueError(f"Cannot tell the input and output widths of {type(base_layer).__name__}.")
+        self.in_features, self.out_features = in_features, out_features
+        self.query_context: QueryContext | None = None
+        self.probe: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.trained_values: dict[str, torch.Tensor] = {}
+        self._prefill_hits: dict[str, torch.Tensor] = {}
+
+    def update_layer(self, adapter_name: str, config, codebook_size: int = 0) -> None:
+        """Add an adapter's (possibly pre-sized, for loading) codebook to this layer."""
+        self.grace_codebook[adapter_name] = Codebook(
+            self.in_features,
+            self.out_features,
+            eps_init=config.eps_init,
+            expand_rule=config.eps_expand,
+            size=codebook_size,
+        )
+        self.grace_replacement[adapter_name] = config.replacement
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # peft's version also casts to the base layer's dtype; codebooks stay float32 (spec §7), only the device moves.
+        if adapter_name not in self.grace_codebook:
+            return
+        if device is None:
+            device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        codebook = self.grace_codebook[adapter_name]
+        if device is None or codebook.keys.device.type == "meta":
+            return
+        codebook.to(device)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+
+class Linear(nn.Module, GraceLayer):
+    """GRACE around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2): both map ``(..., in) -> (..., out)``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, codebook_size: int = 0, **kwargs: Any):
+        super().__init__()
+        GraceLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, codebook_size)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        adapters = [name for name in self.active_adapters if name in self.grace_codebook]
+        if not adapters:
+            return result
+        flat = x.dim() == 2  # (batch, features): treat as sequences of length 1
+        inputs, output = (x.unsqueeze(1), result.unsqueeze(1)) if flat else (x, result)
+        query = self._query_for(inputs)
+        for adapter in adapters:
+            output = self._replace(adapter, inputs, output, query)
+        return output.squeeze(1) if flat else output
+
+    def _query_for(self, inputs: torch.Tensor) -> ForwardQuery:
+        batch, length = inputs.shape[0], inputs.shape[1]
+        current = self.query_context.current if self.query_context is not None else None
+        if current is None:
+            positions = torch.full((batch,), length - 1, dtype=torch.long, device=inputs.device)
+            return ForwardQuery(positions=positions, decoding=False)
+        if current.decoding:
+            return current
+        positions = current.positions.to(inputs.device)
+        if positions.shape[0] != batch or int(positions.max()) >= length:
+            raise ValueError(
+                f"GRACE query positions {positions.tolist()} do not fit this layer's input of shape "
+                f"{tuple(inputs.shape)}: the wrapped module does not see the model's token sequence. Target a module "
+                "in the main token path (an MLP projection of a decoder or encoder block)."
+            )
+        return ForwardQuery(positions=positions, decoding=False)
+
+    def _replace(self, adapter: str, inputs: torch.Tensor, output: torch.Tensor, query: ForwardQuery) -> torch.Tensor:
+        codebook = self.grace_codebook[adapter]
+        mode = self.grace_replacement[adapter]
+        batch, length = output.shape[0], output.shape[1]
+        steps = torch.arange(length, device=output.device)
+        if query.decoding:
+            # Generated tokens never query; only replace_all keeps applying the prompt's value to them.
+            hits = self._prefill_hits.get(adapter)
+            if mode != "replace_all" or hits is None or hits.shape[0] != batch or not bool((hits >= 0).any()):
+                return output
+            values = codebook.values[hits.clamp_min(0)]
+            mask = (hits >= 0)[:, None].expand(batch, length)
+        else:
+            rows = torch.arange(batch, device=output.device)
+            positions = query.positions
+            query_inputs = inputs[rows, positions]
+            if self.probe is not None:
+                self.probe[adapter] = (query_inputs.detach().float(), output[rows, positions].detach().float())
+            values = self.trained_values.get(adapter)
+            if values is None:
+                hits = codebook.lookup(query_inputs)
+                self._prefill_hits[adapter] = hits
+                if not bool((hits >= 0).any()):
+                    return output
+                values = codebook.values[hits.clamp_min(0)]
+                row_hit = hits >= 0
+            else:
+                row_hit = torch.ones(batch, dtype=torch.bool, device=output.device)
+            if mode == "replace_last":
+                span = steps[None, :] == positions[:, None]
+            elif mode == "replace_prompt":
+                span = steps[None, :] <= positions[:, None]
+            else:
+                span = torch.ones(batch, length, dtype=torch.bool, device=output.device)
+            mask = span & row_hit[:, None]
+        return torch.where(mask[..., None], values[:, None, :].to(output.dtype), output)
+
+    def __repr__(self) -> str:
+        return "grace." + super().__repr__()
+
+
+def supported_base_layer(module: nn.Module) -> bool:
+    """Whether GRACE can wrap this module."""
+    return isinstance(module, (nn.Linear, Conv1D))

@@ -1,0 +1,155 @@
+"""`GraceModel`: the PEFT tuner that puts GRACE layers into a model and wires up the query plumbing."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from .config import GraceConfig
+from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer
+from .query import QueryContext
+from .registration import ADAPTER_PREFIX
+
+_PEFT_WRAPPER_PREFIX = "base_model.model."
+
+
+class GraceModel(BaseTuner):
+    """Creates a GRACE model (lifelong editing with a codebook at chosen layers) from a transformers model.
+
+    Use it through peft: ``get_peft_model(model, GraceConfig(target_modules=[...]))``, and edit with
+    :class:`grace_peft.GraceEditor`. Merging is impossible (a codebook is a lookup, not a weight delta);
+    ``unload()`` returns the clean base model.
+    """
+
+    prefix: str = ADAPTER_PREFIX
+    tuner_layer_cls = GraceLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------------------------------ injection
+    def _pre_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
+        if "_query_context" not in self.__dict__:
+            self._query_context = QueryContext(labels_mark_targets=_is_decoder_lm(model))
+            self._query_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        _check_targets_exist(model, config)
+
+    def _prepare_adapter_config(self, peft_config: GraceConfig, model_config: dict) -> GraceConfig:
+        if peft_config.target_modules is None:
+            raise ValueError(
+                "GraceConfig needs target_modules: GRACE edits one chosen layer, usually an MLP output projection, "
+                "e.g. GraceConfig(target_modules=['model.layers.20.mlp.down_proj']) for a Llama-family model."
+            )
+        return peft_config
+
+    def _create_and_replace(self, peft_config: GraceConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **kwargs: Any) -> None:
+        codebook_size = peft_config.codebook_sizes.get(current_key, 0)
+        if isinstance(target, GraceLayer):
+            target.update_layer(adapter_name, peft_config, codebook_size)
+            return
+        if not supported_base_layer(target):
+            raise TypeError(
+                f"GRACE wraps nn.Linear and transformers Conv1D modules, but target '{current_key}' is a "
+                f"{type(target).__name__}. Target a projection inside it (for example its MLP down/output projection)."
+            )
+        _check_sees_input_tokens(self.model, target, current_key)
+        new_module = Linear(target, adapter_name, peft_config, codebook_size)
+        new_module.query_context = self._query_context
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
+        if self._query_hooks:
+            return
+        context = self._query_context
+        hooked = _query_hook_module(model)
+        self._query_hooks = [
+            hooked.register_forward_pre_hook(context.pre_forward_hook, with_kwargs=True),
+            hooked.register_forward_hook(lambda module, args, output: setattr(context, "current", None)),
+        ]
+        if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
+            # Every route to generation (PeftModel.generate, pipelines, model.generate) ends here, so this is where
+            # one generate call is marked as one query session (spec §5).
+            model.generate = functools.partial(_generate_in_session, type(model).generate.__get__(model), context)
+
+    # ------------------------------------------------------------------------------------------ merging / unloading
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        for handle in self._query_hooks:
+            handle.remove()
+        self._query_hooks = []
+        if isinstance(model.__dict__.get("generate"), functools.partial):
+            del model.generate
+        return model
+
+    # ------------------------------------------------------------------------------------------ persistence
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: GraceConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]):
+        # Saved shapes differ from a fresh model's: record them so a loader can allocate them first (spec §7).
+        config.codebook_sizes = codebook_sizes(model, adapter_name)
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+
+def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, int]:
+    """Number of codebook entries of ``adapter_name`` per wrapped module (names as in the base model)."""
+    return {
+        name.removeprefix(_PEFT_WRAPPER_PREFIX): len(module.grace_codebook[adapter_name])
+        for name, module in model.named_modules()
+        if isinstance(module, GraceLayer) and adapter_name in module.grace_codebook
+    }
+
+
+def _generate_in_session(generate, context: QueryContext, *args: Any, **kwargs: Any):
+    with context.generation():
+        return generate(*args, **kwargs)
+
+
+def _is_decoder_lm(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    return not getattr(config, "is_encoder_decoder", False) and callable(can_generate) and bool(can_generate())
+
+
+def _query_hook_module(model: nn.Module) -> nn.Module:
+    """The module whose inputs (ids, attention mask, labels) are the token sequence the wrapped layers see."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return model.get_encoder()
+    return model
+
+
+def _check_sees_input_tokens(model: nn.Module, target: nn.Module, name: str) -> None:
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if not any(module is target for module in model.get_encoder().modules()):
+            raise NotImplementedError(
+                f"'{name}' is in the decoder of an encoder-decoder model. GRACE edits encoder layers of such models "
+                "(as the paper did with T5): target an encoder FFN, e.g. 'encoder.block.5.layer.1.DenseReluDense.wo'."
+            )
+
+
+def _check_targets_exist(model: nn.Module, config: GraceConfig) -> None:
+    """Fail early, naming close matches, when target_modules matches nothing."""
+    if config.target_modules is None:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if any(check_target_module_exists(config, name) for name in names):
+        return
+    wanted = [config.target_modules] if isinstance(config.target_modules, str) else sorted(config.target_modules)
+    wrappable = [name for name, module in model.named_modules() if supported_base_layer(module)]
+    suggestions = sorted({match for want in wanted for match in difflib.get_close_matches(want, wrappable, n=3)})
+    hint = f" Close matches: {suggestions}." if suggestions else f" Some wrappable modules: {wrappable[-4:]}."
+    raise ValueError(
+        f"GraceConfig.target_modules {wanted} matched no module of {type(model).__name__}.{hint} Give full names, "
+        "name suffixes (e.g. 'mlp.down_proj' matches every layer) or one regex matched against the full name."
+    )
