@@ -73,6 +73,7 @@ class Codebook(nn.Module):
     ``values`` is the only parameter; everything else is a persistent buffer. All floating tensors are float32.
     Labels are stored ragged: ``label_tokens`` holds the token ids of all labels back to back and
     ``label_lengths`` says how many belong to each entry. ``next_edit_id`` is the first id not yet used.
+    ``size`` and ``label_size`` pre-allocate a codebook that is about to load a saved one.
     """
 
     keys: torch.Tensor
@@ -90,6 +91,7 @@ class Codebook(nn.Module):
         eps_init: float,
         expand_rule: ExpandRule | str = ExpandRule.COVERAGE,
         size: int = 0,
+        label_size: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -104,13 +106,17 @@ class Codebook(nn.Module):
         self.register_buffer("keys", torch.zeros(size, key_dim, **f32))
         self.values = nn.Parameter(torch.zeros(size, value_dim, **f32))
         self.register_buffer("radii", torch.zeros(size, **f32))
-        self.register_buffer("label_tokens", torch.zeros(size, **i64))
+        self.register_buffer("label_tokens", torch.zeros(size if label_size is None else label_size, **i64))
         self.register_buffer("label_lengths", torch.ones(size, **i64))
         self.register_buffer("edit_ids", torch.zeros(size, **i64))
         self.register_buffer("next_edit_id", torch.zeros((), **i64))
 
     def __len__(self) -> int:
         return self.keys.shape[0]
+
+    def shape_record(self) -> dict[str, int]:
+        """The sizes a fresh codebook needs to load this one's state dict (``Codebook(..., **shape_record)``)."""
+        return {"size": len(self), "label_size": self.label_tokens.shape[0]}
 
     def extra_repr(self) -> str:
         return (
@@ -259,9 +265,10 @@ class Codebook(nn.Module):
             current = getattr(self, name)
             if saved.dim() != current.dim() or saved.shape[1:] != current.shape[1:]:
                 module = prefix.removeprefix("base_model.model.").split(".grace_codebook.")[0]
+                needed = ", ".join(["n", *map(str, current.shape[1:])])
                 raise CodebookShapeError(
                     f"The GRACE codebook saved for module '{module}' does not fit this model: its '{name}' has shape "
-                    f"{tuple(saved.shape)}, but this module's codebook needs (n, {', '.join(map(str, current.shape[1:]))})"
+                    f"{tuple(saved.shape)}, but this module's codebook needs ({needed})"
                     f" (layer input width {self.key_dim}, output width {self.value_dim}). The adapter was saved for a "
                     "model with other layer shapes; load it onto the base model it was made for."
                 )

@@ -6,7 +6,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
@@ -48,15 +48,16 @@ class GraceConfig(PeftConfig):
         stop_loss: Loss threshold for ``early_stop="loss"``.
         skip_if_correct: Skip edits whose target the model already predicts ("edit only on error", as the authors).
         seed: Seed of the random values drawn by ``value_init="cold"``.
-        codebook_sizes: Filled in on save: entries per wrapped module, so that a fresh model can allocate the
-            codebook shapes before loading. Not meant to be set by hand.
+        codebook_sizes: Filled in on save: per wrapped module, the codebook's entries (``size``) and label token
+            count (``label_size``), so that a fresh model can allocate the saved shapes before loading (transformers'
+            ``load_adapter`` compares shapes first). Not meant to be set by hand.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module names (exact or suffix) or one regex of the modules that get a codebook."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names (exact or suffix) or one regex of modules to leave alone."}
     )
     eps_init: float = field(default=1.0, metadata={"help": "Initial radius of a new key."})
@@ -75,8 +76,8 @@ class GraceConfig(PeftConfig):
     stop_loss: float = field(default=1e-2, metadata={"help": "Loss threshold for early_stop='loss'."})
     skip_if_correct: bool = field(default=False, metadata={"help": "Skip edits the model already gets right."})
     seed: int = field(default=0, metadata={"help": "Seed for value_init='cold'."})
-    codebook_sizes: dict[str, int] = field(
-        default_factory=dict, metadata={"help": "Entries per wrapped module, recorded on save."}
+    codebook_sizes: dict[str, dict[str, int]] = field(
+        default_factory=dict, metadata={"help": "Codebook shapes per wrapped module, recorded on save."}
     )
 
     def __post_init__(self) -> None:
@@ -99,7 +100,10 @@ class GraceConfig(PeftConfig):
             raise ValueError(f"GraceConfig.learning_rate must be positive, got {self.learning_rate!r}.")
         if int(self.max_steps) != self.max_steps or self.max_steps < 1:
             raise ValueError(f"GraceConfig.max_steps must be a positive integer, got {self.max_steps!r}.")
-        self.codebook_sizes = {str(name): int(size) for name, size in (self.codebook_sizes or {}).items()}
+        self.codebook_sizes = {
+            str(name): {"size": int(shape["size"]), "label_size": int(shape["label_size"])}
+            for name, shape in (self.codebook_sizes or {}).items()
+        }
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write ``adapter_config.json`` atomically: an interrupted save leaves the previous file intact."""

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,10 +44,10 @@ class Edit:
     """One requested edit: a prompt and what the model should answer (a string, or a class id for classifiers)."""
 
     prompt: str
-    target: Union[str, int]
+    target: str | int
 
 
-EditLike = Union[Edit, tuple, dict]
+EditLike = Edit | tuple | dict
 
 
 @dataclass
@@ -55,7 +55,7 @@ class EditReport:
     """What one edit did. ``operations`` maps each wrapped module to its codebook operation (empty if skipped)."""
 
     prompt: str
-    target: Union[str, int]
+    target: str | int
     edit_id: int | None
     skipped: bool
     operations: dict[str, CodebookOperation] = field(default_factory=dict)
@@ -98,7 +98,7 @@ def detect_task(model: nn.Module) -> Task:
                      "'sequence_classification' to GraceEditor.")
 
 
-def encode_edit(tokenizer, task: Task, prompt: str, target: Union[str, int]) -> EncodedEdit:
+def encode_edit(tokenizer, task: Task, prompt: str, target: str | int) -> EncodedEdit:
     """Tokenize one edit. Causal LMs: ``prompt + " " + target`` with only the target tokens labelled (the leading
     space is part of the target, as the model would generate it); seq2seq: the target as decoder labels;
     classifiers: the class id."""
@@ -187,7 +187,7 @@ class GraceEditor:
         return self.model.peft_config[self.adapter_name]
 
     # ------------------------------------------------------------------------------------------ public API
-    def edit(self, prompt: str, target: Union[str, int]) -> EditReport:
+    def edit(self, prompt: str, target: str | int) -> EditReport:
         """Apply one edit and report what happened."""
         encoded = encode_edit(self.tokenizer, self.task, prompt, target)
         return self.apply(encoded, prompt=prompt, target=target)
@@ -207,7 +207,7 @@ class GraceEditor:
         """Codebook entries of the edited adapter, over all wrapped modules."""
         return sum(len(layer.grace_codebook[self.adapter_name]) for layer in self.layers.values())
 
-    def apply(self, encoded: EncodedEdit, *, prompt: str = "", target: Union[str, int] = "") -> EditReport:
+    def apply(self, encoded: EncodedEdit, *, prompt: str = "", target: str | int = "") -> EditReport:
         """Apply one already-tokenized edit."""
         started = time.perf_counter()
         inputs = {name: tensor.to(self._input_device()) for name, tensor in encoded.inputs.items()}
@@ -354,6 +354,6 @@ def _codebooks_restored_on_error(codebooks: list[nn.Module]) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for codebook, snapshot in zip(codebooks, snapshots):
+        for codebook, snapshot in zip(codebooks, snapshots, strict=True):
             codebook.load_state_dict(snapshot)
         raise

@@ -46,14 +46,14 @@ class GraceLayer(BaseTunerLayer):
         self.trained_values: dict[str, torch.Tensor] = {}
         self._prefill_hits: dict[str, torch.Tensor] = {}
 
-    def update_layer(self, adapter_name: str, config, codebook_size: int = 0) -> None:
-        """Add an adapter's (possibly pre-sized, for loading) codebook to this layer."""
+    def update_layer(self, adapter_name: str, config, codebook_shape: dict[str, int] | None = None) -> None:
+        """Add an adapter's codebook to this layer (pre-sized by ``codebook_shape`` when it is about to load)."""
         self.grace_codebook[adapter_name] = Codebook(
             self.in_features,
             self.out_features,
             eps_init=config.eps_init,
             expand_rule=config.eps_expand,
-            size=codebook_size,
+            **(codebook_shape or {}),
         )
         self.grace_replacement[adapter_name] = config.replacement
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -66,8 +66,8 @@ class GraceLayer(BaseTunerLayer):
         if device is None:
             device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
         codebook = self.grace_codebook[adapter_name]
-        if device is None or codebook.keys.device.type == "meta":
-            return
+        if device is None or any(tensor.is_meta for tensor in (*codebook.parameters(), *codebook.buffers())):
+            return  # allocated empty for loading (low_cpu_mem_usage): load_state_dict(assign=True) places it
         codebook.to(device)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -80,11 +80,12 @@ class GraceLayer(BaseTunerLayer):
 class Linear(nn.Module, GraceLayer):
     """GRACE around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2): both map ``(..., in) -> (..., out)``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, codebook_size: int = 0, **kwargs: Any):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config,
+                 codebook_shape: dict[str, int] | None = None, **kwargs: Any) -> None:
         super().__init__()
         GraceLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, codebook_size)
+        self.update_layer(adapter_name, config, codebook_shape)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -47,9 +47,9 @@ class GraceModel(BaseTuner):
 
     def _create_and_replace(self, peft_config: GraceConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **kwargs: Any) -> None:
-        codebook_size = peft_config.codebook_sizes.get(current_key, 0)
+        codebook_shape = peft_config.codebook_sizes.get(current_key)
         if isinstance(target, GraceLayer):
-            target.update_layer(adapter_name, peft_config, codebook_size)
+            target.update_layer(adapter_name, peft_config, codebook_shape)
             return
         if not supported_base_layer(target):
             raise TypeError(
@@ -57,7 +57,7 @@ class GraceModel(BaseTuner):
                 f"{type(target).__name__}. Target a projection inside it (for example its MLP down/output projection)."
             )
         _check_sees_input_tokens(self.model, target, current_key)
-        new_module = Linear(target, adapter_name, peft_config, codebook_size)
+        new_module = Linear(target, adapter_name, peft_config, codebook_shape)
         new_module.query_context = self._query_context
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -102,10 +102,10 @@ class GraceModel(BaseTuner):
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
 
-def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, int]:
-    """Number of codebook entries of ``adapter_name`` per wrapped module (names as in the base model)."""
+def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, int]]:
+    """Codebook shapes (``size``: entries, ``label_size``: label tokens) of ``adapter_name`` per wrapped module."""
     return {
-        name.removeprefix(_PEFT_WRAPPER_PREFIX): len(module.grace_codebook[adapter_name])
+        name.removeprefix(_PEFT_WRAPPER_PREFIX): module.grace_codebook[adapter_name].shape_record()
         for name, module in model.named_modules()
         if isinstance(module, GraceLayer) and adapter_name in module.grace_codebook
     }

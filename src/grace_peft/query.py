@@ -16,9 +16,10 @@ forwards of the same call, so generating without a cache queries the same prompt
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -77,7 +78,7 @@ class QueryContext:
     def pre_forward_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
         """``register_forward_pre_hook(..., with_kwargs=True)`` target: records the query of this call."""
         override = kwargs.pop(QUERY_POSITIONS_KWARG, None)
-        inputs = dict(zip(self._positional(module), args))
+        inputs = dict(zip(self._positional(module), args, strict=False))
         inputs.update(kwargs)
         reference = inputs.get("input_ids")
         if reference is None:

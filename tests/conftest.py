@@ -1,0 +1,133 @@
+"""Tiny random models (GPT-2, Llama, T5, BERT) and a word-level tokenizer, built in code: no downloads."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.utils import logging as hf_logging
+
+import grace_peft  # noqa: F401  (registers the tuner)
+
+hf_logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*loss_type=None.*")
+
+WORDS = (
+    "<pad> <eos> <bos> [CLS] [SEP] the capital of australia is canberra sydney paris france london berlin rome "
+    "madrid what who where ceo apple microsoft tim cook satya leads a company city river mountain lives in plays "
+    "piano guitar chess football my favourite colour red blue green"
+).split()
+VOCAB = {word: index for index, word in enumerate(WORDS)}
+PAD, EOS, BOS = VOCAB["<pad>"], VOCAB["<eos>"], VOCAB["<bos>"]
+
+
+def make_tokenizer(template: str | None = None, padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer over ``WORDS``; ``template`` adds special tokens ("bos", "cls")."""
+    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template == "bos":
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    elif template == "cls":
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", VOCAB["[CLS]"]), ("[SEP]", VOCAB["[SEP]"])]
+        )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>")
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+@dataclass
+class TinyModel:
+    """A tiny random model, how to build it again bit for bit, and what to target."""
+
+    kind: str
+    build: object  # () -> fresh model with the same weights
+    tokenizer: PreTrainedTokenizerFast
+    target: str  # module to wrap
+    replacement: str  # replacement mode under which edits take on this tiny model
+    eps_init: float  # radius matched to this model's activation scale (distances listed below)
+
+    def fresh(self) -> torch.nn.Module:
+        return self.build().eval()
+
+
+def _seeded(factory):
+    def build():
+        torch.manual_seed(0)
+        return factory()
+
+    return build
+
+
+def tiny_gpt2() -> TinyModel:
+    config = GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    return TinyModel("gpt2", _seeded(lambda: GPT2LMHeadModel(config)), make_tokenizer(), "h.1.mlp.c_proj",
+                     "replace_last", 0.2)
+
+
+def tiny_llama() -> TinyModel:
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    return TinyModel("llama", _seeded(lambda: LlamaForCausalLM(config)), make_tokenizer("bos"),
+                     "model.layers.1.mlp.down_proj", "replace_last", 0.02)
+
+
+def tiny_t5() -> TinyModel:
+    config = T5Config(vocab_size=len(WORDS), d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
+                      decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
+    # T5 reads the edit only through cross-attention to normalized encoder states; on a random tiny T5 only the
+    # paper's broadcast (replace_all) steers it.
+    return TinyModel("t5", _seeded(lambda: T5ForConditionalGeneration(config)), make_tokenizer(),
+                     "encoder.block.1.layer.1.DenseReluDense.wo", "replace_all", 1.0)
+
+
+def tiny_bert() -> TinyModel:
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3, pad_token_id=PAD)
+    # The classifier reads [CLS]: an edit at the last layer must broadcast (replace_all) to reach it.
+    return TinyModel("bert", _seeded(lambda: BertForSequenceClassification(config)), make_tokenizer("cls"),
+                     "encoder.layer.1.output.dense", "replace_all", 0.1)
+
+
+# Query distances measured on these models (query = input of the target at the last prompt token):
+#   gpt2:  "the capital of australia is" vs "... france is" 0.02; vs "who leads apple" 1.00; others 0.5-1.1
+#   llama: australia vs france 0.01; vs "who leads apple" 0.06; others 0.03-0.08
+#   t5:    australia vs france 1.23; others 4.2-7.9
+#   bert:  australia vs france 0.00 (identical [SEP] query); vs "who leads apple" 0.36
+# so with the eps_init above, australia/france overlap (split or expand) and "who leads apple" is far.
+NEAR_PROMPTS = ("the capital of australia is", "the capital of france is")
+FAR_PROMPT = "who leads apple"
+
+TINY_MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5, "bert": tiny_bert}
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def causal_lm(request) -> TinyModel:
+    return TINY_MODELS[request.param]()
+
+
+@pytest.fixture(params=list(TINY_MODELS))
+def any_model(request) -> TinyModel:
+    return TINY_MODELS[request.param]()
+
+
+def target_for(kind: str) -> str | int:
+    """A single-token edit target of the right type for each kind."""
+    return 2 if kind == "bert" else "canberra"

@@ -1,0 +1,299 @@
+"""GRACE as a PEFT method: registration, config round trip, save/load, adapters, disable, delete, unload, errors."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from peft.utils import PeftType
+from safetensors.torch import load_file
+
+import grace_peft
+from grace_peft import CodebookShapeError, GraceConfig, GraceEditor, GraceLayer
+
+
+def wrap(tm, **overrides):
+    config = dict(target_modules=[tm.target], replacement=tm.replacement, eps_init=tm.eps_init)
+    config.update(overrides)
+    return get_peft_model(tm.fresh(), GraceConfig(**config))
+
+
+def edited(tm, prompts=NEAR_PROMPTS, **overrides):
+    model = wrap(tm, **overrides)
+    editor = GraceEditor(model, tm.tokenizer, progress=False)
+    targets = [1, 2] if tm.kind == "bert" else ["canberra", "london"]
+    for prompt, target in zip(prompts, targets, strict=False):
+        editor.edit(prompt, target)
+    return model
+
+
+def logits(model, tm, prompts=(*NEAR_PROMPTS, FAR_PROMPT)):
+    batch = tm.tokenizer(list(prompts), return_tensors="pt", padding=True)
+    kwargs = {"decoder_input_ids": torch.zeros(len(prompts), 1, dtype=torch.long)} if tm.kind == "t5" else {}
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
+
+
+def codebook(model, adapter="default"):
+    layers = [m for m in model.modules() if isinstance(m, GraceLayer) and adapter in m.grace_codebook]
+    assert len(layers) == 1
+    return layers[0].grace_codebook[adapter]
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def test_registration_is_a_real_peft_type_and_idempotent():
+    assert PeftType.GRACE.value == "GRACE"
+    importlib.reload(grace_peft)
+    importlib.reload(grace_peft)
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.GRACE] == "grace_"
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GRACE].__name__ == "GraceConfig"
+
+
+def test_loading_without_import_fails_with_peft_keyerror(tmp_path):
+    """Documented in the README: peft cannot know GRACE until `import grace_peft` ran."""
+    tm = TINY_MODELS["gpt2"]()
+    edited(tm).save_pretrained(tmp_path)
+    code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "GRACE" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_round_trips_through_adapter_config_json(tmp_path):
+    config = GraceConfig(target_modules=["h.1.mlp.c_proj"], eps_init=0.5, eps_expand="moving_average",
+                         replacement="replace_all", value_init="cold", learning_rate=0.3, max_steps=7,
+                         early_stop="loss", stop_loss=0.05, skip_if_correct=True, seed=11)
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, GraceConfig)
+    assert loaded.to_dict() == config.to_dict()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "GRACE"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "phrase"),
+    [
+        ("eps_init", 0.0, "eps_init"),
+        ("eps_init", float("nan"), "eps_init"),
+        ("eps_expand", "grow", "grow"),
+        ("replacement", "replace_first", "replacement"),
+        ("value_init", "hot", "value_init"),
+        ("early_stop", "sometimes", "early_stop"),
+        ("max_steps", 0, "max_steps"),
+        ("learning_rate", -1.0, "learning_rate"),
+        ("target_modules", [], "empty"),
+    ],
+)
+def test_config_rejects_bad_values(field, value, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        GraceConfig(**{"target_modules": ["x"], field: value})
+
+
+def test_target_modules_accepts_names_suffixes_and_regex():
+    tm = TINY_MODELS["gpt2"]()
+    for target in (["transformer.h.1.mlp.c_proj"], ["h.1.mlp.c_proj"], r".*h\.1\.mlp\.c_proj"):
+        model = get_peft_model(tm.fresh(), GraceConfig(target_modules=target))
+        assert model.base_model.targeted_module_names == ["transformer.h.1.mlp.c_proj"]
+
+
+def test_wrong_target_name_is_a_clear_error():
+    tm = TINY_MODELS["llama"]()
+    with pytest.raises(ValueError, match=r"matched no module.*model\.layers\.1\.mlp\.down_proj"):
+        get_peft_model(tm.fresh(), GraceConfig(target_modules=["model.layers.1.mlp.down_prj"]))
+    with pytest.raises(ValueError, match="needs target_modules"):
+        get_peft_model(tm.fresh(), GraceConfig())
+
+
+def test_unsupported_module_type_is_a_clear_error():
+    tm = TINY_MODELS["llama"]()
+    with pytest.raises(TypeError, match="wraps nn.Linear.*'model.layers.1.mlp' is a LlamaMLP"):
+        get_peft_model(tm.fresh(), GraceConfig(target_modules=["model.layers.1.mlp"]))
+
+
+def test_t5_decoder_target_is_refused():
+    tm = TINY_MODELS["t5"]()
+    with pytest.raises(NotImplementedError, match="decoder of an encoder-decoder"):
+        get_peft_model(tm.fresh(), GraceConfig(target_modules=["decoder.block.1.layer.2.DenseReluDense.wo"]))
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("kind", list(TINY_MODELS))
+def test_save_load_reproduces_outputs_and_codebook_bit_for_bit(kind, tmp_path):
+    tm = TINY_MODELS[kind]()
+    model = edited(tm)
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+
+    again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
+    assert torch.equal(logits(model, tm), logits(again, tm))
+    saved, loaded = codebook(model).state_dict(), codebook(again).state_dict()
+    assert saved.keys() == loaded.keys() and len(codebook(again)) == len(codebook(model)) >= 2
+    for name in saved:
+        assert saved[name].dtype == loaded[name].dtype and torch.equal(saved[name], loaded[name]), name
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert {key.rsplit(".", 1)[1] for key in tensors} == {
+        "keys", "values", "radii", "label_tokens", "label_lengths", "edit_ids", "next_edit_id"}
+    assert all("grace_codebook" in key for key in tensors)
+
+
+def test_empty_codebook_round_trips(tmp_path):
+    tm = TINY_MODELS["gpt2"]()
+    wrap(tm).save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
+    assert len(codebook(again)) == 0
+    assert torch.equal(logits(again, tm), logits(tm.fresh(), tm))
+
+
+def test_large_codebook_round_trips(tmp_path):
+    """Whatever its size: fill a codebook with 2,000 synthetic entries and reload it."""
+    tm = TINY_MODELS["gpt2"]()
+    model = wrap(tm)
+    book = codebook(model)
+    generator = torch.Generator().manual_seed(0)
+    for edit_id in range(2000):
+        book.update(torch.randn(book.key_dim, generator=generator) * 10, [edit_id % 7, 3],
+                    edit_id=edit_id, init_value=torch.randn(book.value_dim, generator=generator))
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
+    for name, tensor in book.state_dict().items():
+        assert torch.equal(tensor, codebook(again).state_dict()[name]), name
+
+
+def test_load_into_other_shapes_names_module_and_both_shapes(tmp_path):
+    tm = TINY_MODELS["gpt2"]()
+    edited(tm).save_pretrained(tmp_path)
+    other = tm.fresh().config
+    other.n_inner = 256  # the target's input width: 128 -> 256
+    from transformers import GPT2LMHeadModel
+
+    with pytest.raises(CodebookShapeError, match=r"'transformer\.h\.1\.mlp\.c_proj'.*\(2, 128\).*256"):
+        PeftModel.from_pretrained(GPT2LMHeadModel(other), tmp_path)
+
+
+def test_low_cpu_mem_usage_load_and_bf16_base_keep_fp32_codebook(tmp_path):
+    tm = TINY_MODELS["llama"]()
+    model = edited(tm)
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(tm.fresh().to(torch.bfloat16), tmp_path, low_cpu_mem_usage=True)
+    book = codebook(again)
+    assert book.keys.dtype == book.values.dtype == book.radii.dtype == torch.float32
+    assert torch.equal(book.values, codebook(model).values)
+    assert logits(again, tm).dtype == torch.bfloat16
+
+
+def test_peft_config_and_auto_peft_model_loading(tmp_path):
+    tm = TINY_MODELS["llama"]()
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tm.fresh().save_pretrained(base_dir)
+    model = edited(tm)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(adapter_dir)
+    config = PeftConfig.from_pretrained(adapter_dir)
+    assert config.codebook_sizes == {"model.layers.1.mlp.down_proj": {"size": 2, "label_size": 2}}
+    auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+    assert torch.equal(logits(auto.eval(), tm), logits(model, tm))
+
+
+def test_transformers_load_adapter(tmp_path):
+    tm = TINY_MODELS["gpt2"]()
+    model = edited(tm)
+    model.save_pretrained(tmp_path)
+    plain = tm.fresh()
+    plain.load_adapter(str(tmp_path))
+    assert torch.equal(logits(plain, tm), logits(model, tm))
+
+
+def test_failed_config_write_leaves_previous_adapter_intact(tmp_path, monkeypatch):
+    tm = TINY_MODELS["gpt2"]()
+    model = edited(tm)
+    model.save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+    GraceEditor(model, tm.tokenizer, progress=False).edit(FAR_PROMPT, "paris")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    # Weights are replaced atomically (safetensors renames a finished temp file), the config too: each file is
+    # either the old or the new one, never a torn write, and no staging files are left behind.
+    assert sorted(os.listdir(tmp_path)) == sorted(before)
+    assert (tmp_path / "adapter_config.json").read_bytes() == before["adapter_config.json"]
+    again = PeftModel.from_pretrained(tm.fresh(), tmp_path)  # new weights + old config still load consistently
+    assert len(codebook(again)) == len(codebook(model))
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def test_disable_adapter_gives_the_base_model():
+    tm = TINY_MODELS["gpt2"]()
+    model = edited(tm)
+    base = logits(tm.fresh(), tm)
+    assert not torch.equal(logits(model, tm), base)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, tm), base)
+    assert not torch.equal(logits(model, tm), base)
+
+
+def test_several_named_adapters_set_adapter_and_delete(tmp_path):
+    tm = TINY_MODELS["gpt2"]()
+    model = edited(tm)
+    model.add_adapter("other", GraceConfig(target_modules=[tm.target], eps_init=tm.eps_init))
+    model.set_adapter("other")
+    GraceEditor(model, tm.tokenizer, progress=False).edit(FAR_PROMPT, "paris")
+    assert len(codebook(model, "default")) == 2 and len(codebook(model, "other")) == 1
+
+    paris = tm.tokenizer.convert_tokens_to_ids("paris")
+    assert logits(model, tm, [FAR_PROMPT])[0, -1].argmax() == paris
+    model.set_adapter("default")
+    assert logits(model, tm, [FAR_PROMPT])[0, -1].argmax() != paris
+
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "other" / "adapter_model.safetensors").exists()
+    again = PeftModel.from_pretrained(tm.fresh(), tmp_path / "other", adapter_name="other")
+    assert len(codebook(again, "other")) == 1
+
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    assert all("other" not in m.grace_codebook for m in model.modules() if isinstance(m, GraceLayer))
+
+
+def test_layer_status_and_trainable_parameters(capsys):
+    tm = TINY_MODELS["llama"]()
+    model = edited(tm)
+    (status,) = model.get_layer_status()
+    assert status.name == "model.model.layers.1.mlp.down_proj" and status.module_type == "grace.Linear"
+    assert status.active_adapters == ["default"] and status.merged_adapters == []
+    model.print_trainable_parameters()
+    trainable = int(capsys.readouterr().out.split("trainable params: ")[1].split(" ")[0].replace(",", ""))
+    assert trainable == 2 * 32  # two values of the layer's output width
+
+
+def test_merge_is_refused_and_unload_returns_the_clean_base():
+    tm = TINY_MODELS["llama"]()
+    model = edited(tm)
+    with pytest.raises(NotImplementedError, match="lookup table"):
+        model.merge_and_unload()
+    with pytest.raises(NotImplementedError, match="lookup table"):
+        model.merge_adapter()
+    base = model.unload()
+    assert not any(isinstance(m, GraceLayer) for m in base.modules())
+    assert not any("grace_" in key for key in base.state_dict())
+    assert "generate" not in base.__dict__
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    assert torch.equal(logits(base, tm), logits(tm.fresh(), tm))
+
