@@ -128,8 +128,9 @@ class Codebook(nn.Module):
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest key of each query row: ``(index, distance)``, both of shape ``(B,)``.
 
-        One matrix product finds the nearest key; its distance is then recomputed directly from the difference, so
-        that a query equal to a key has distance exactly 0. An empty codebook gives index -1 and distance inf.
+        Distances are exact float32 Euclidean distances (no ``|q|^2 - 2qk + |k|^2`` shortcut, which cancels
+        catastrophically for nearby keys far from the origin): a query equal to a key is at distance 0, and equal
+        distances go to the lower index. An empty codebook gives index -1 and distance inf.
         """
         queries = self._as_queries(queries)
         if len(self) == 0:
@@ -138,12 +139,8 @@ class Codebook(nn.Module):
                 torch.full((batch,), -1, dtype=torch.int64, device=queries.device),
                 torch.full((batch,), float("inf"), dtype=torch.float32, device=queries.device),
             )
-        keys = self.keys
-        squared = (
-            queries.pow(2).sum(-1, keepdim=True) - 2.0 * queries @ keys.T + keys.pow(2).sum(-1).unsqueeze(0)
-        )
-        index = squared.argmin(dim=-1)
-        distance = (queries - keys[index]).norm(dim=-1)
+        distances = torch.cdist(queries, self.keys, compute_mode="donot_use_mm_for_euclid_dist")
+        distance, index = distances.min(dim=-1)
         return index, distance
 
     def lookup(self, queries: torch.Tensor) -> torch.Tensor:
@@ -257,12 +254,11 @@ class Codebook(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A codebook grows: resize along dim 0 to the saved size before torch compares shapes.
-        for name in _FLOAT_TENSORS + _INT_TENSORS:
-            saved = state_dict.get(prefix + name)
-            if saved is None:
-                continue
-            current = getattr(self, name)
+        # A codebook grows: resize along dim 0 to the saved size before torch compares shapes. Check every tensor
+        # first, so that a refused load changes nothing.
+        present = [name for name in _FLOAT_TENSORS + _INT_TENSORS if prefix + name in state_dict]
+        for name in present:
+            saved, current = state_dict[prefix + name], getattr(self, name)
             if saved.dim() != current.dim() or saved.shape[1:] != current.shape[1:]:
                 module = prefix.removeprefix("base_model.model.").split(".grace_codebook.")[0]
                 needed = ", ".join(["n", *map(str, current.shape[1:])])
@@ -272,7 +268,9 @@ class Codebook(nn.Module):
                     f" (layer input width {self.key_dim}, output width {self.value_dim}). The adapter was saved for a "
                     "model with other layer shapes; load it onto the base model it was made for."
                 )
-            if saved.shape[0] != current.shape[0]:
-                self._resize_to(name, saved.shape[0])
+        for name in present:
+            rows = state_dict[prefix + name].shape[0]
+            if rows != getattr(self, name).shape[0]:
+                self._resize_to(name, rows)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
