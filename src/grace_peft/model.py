@@ -70,7 +70,8 @@ class GraceModel(BaseTuner):
         hooked = _query_hook_module(model)
         self._query_hooks = [
             hooked.register_forward_pre_hook(context.pre_forward_hook, with_kwargs=True),
-            hooked.register_forward_hook(lambda module, args, output: setattr(context, "current", None)),
+            hooked.register_forward_hook(lambda module, args, output: setattr(context, "current", None),
+                                         always_call=True),  # also after a forward that raised
         ]
         if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
             # Every route to generation (PeftModel.generate, pipelines, model.generate) ends here, so this is where
