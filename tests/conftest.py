@@ -110,7 +110,7 @@ def tiny_bert() -> TinyModel:
 #   gpt2:  "the capital of australia is" vs "... france is" 0.02; vs "who leads apple" 1.00; others 0.5-1.1
 #   llama: australia vs france 0.01; vs "who leads apple" 0.06; others 0.03-0.08
 #   t5:    australia vs france 1.23; others 4.2-7.9
-#   bert:  australia vs france 0.00 (identical [SEP] query); vs "who leads apple" 0.36
+#   bert:  australia vs france 0.0008 (a split with tiny radii); vs "who leads apple" 0.36
 # so with the eps_init above, australia/france overlap (split or expand) and "who leads apple" is far.
 NEAR_PROMPTS = ("the capital of australia is", "the capital of france is")
 FAR_PROMPT = "who leads apple"

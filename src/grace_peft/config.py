@@ -38,8 +38,9 @@ class GraceConfig(PeftConfig):
             the default: it leaves every other position of the sequence as the base model computes it),
             ``"replace_all"`` (every position, the paper's broadcast) or ``"replace_prompt"`` (the prompt up to
             and including the query token).
-        value_init: ``"warm"`` starts a new value from the layer's current output at the query token (the model is
-            unchanged until training moves it); ``"cold"`` draws it at random (the paper), seeded by ``seed`` and
+        value_init: ``"warm"`` starts a new value from the layer's current output at the query token (with
+            ``replace_last`` the model is unchanged until training moves it; the other modes copy it to more
+            positions); ``"cold"`` draws it at random (the paper), seeded by ``seed`` and
             the edit id, so editing never touches the global RNG.
         learning_rate: Adam learning rate for the value of an edit (reference: 1.0).
         max_steps: Cap on optimizer steps per edit (reference: 100).

@@ -283,7 +283,7 @@ class GraceEditor:
         if rule == "predicted":
             return bool(target_predicted(self.task, logits, labels).all())
         if rule == "loss":
-            return float(loss) < self.config.stop_loss
+            return float(loss.detach()) < self.config.stop_loss
         return False
 
     @torch.no_grad()
