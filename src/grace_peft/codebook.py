@@ -148,7 +148,7 @@ class Codebook(nn.Module):
         index, distance = self.nearest(queries)
         if len(self) == 0:
             return index
-        hit = torch.isfinite(distance) & (distance <= self.radii[index.clamp_min(0)])
+        hit = distance <= self.radii[index.clamp_min(0)]  # NaN and inf distances compare False: no hit
         return torch.where(hit, index, torch.full_like(index, -1))
 
     def label(self, index: int) -> torch.Tensor:

@@ -30,13 +30,12 @@ class GraceLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("grace_codebook",)
     other_param_names: tuple[str, ...] = ("grace_replacement",)
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.grace_codebook = nn.ModuleDict({})
         self.grace_replacement: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.kwargs = kwargs
         in_features, out_features = _get_in_out_features(base_layer)
         if in_features is None or out_features is None:
             raise ValueError(f"Cannot tell the input and output widths of {type(base_layer).__name__}.")
@@ -81,9 +80,9 @@ class Linear(nn.Module, GraceLayer):
     """GRACE around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2): both map ``(..., in) -> (..., out)``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config,
-                 codebook_shape: dict[str, int] | None = None, **kwargs: Any) -> None:
+                 codebook_shape: dict[str, int] | None = None) -> None:
         super().__init__()
-        GraceLayer.__init__(self, base_layer, **kwargs)
+        GraceLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, codebook_shape)
 
