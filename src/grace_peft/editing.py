@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .codebook import CodebookOperation
 from .config import GraceConfig
+from .frozen_prefix import blocks_below, replay_frozen_blocks
 from .layer import GraceLayer
 from .query import IGNORE_INDEX
 
@@ -162,10 +163,12 @@ class GraceEditor:
         adapter_name: the adapter to edit (default: the active one).
         task: override the detected task (``"causal_lm"``, ``"seq2seq_lm"``, ``"sequence_classification"``).
         progress: show a progress bar in :meth:`edit_many`.
+        reuse_frozen_layers: compute the blocks below the edited layer once per edit and replay their output in
+            every training step (bit-identical activations, much faster when the edited layer is high up).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, adapter_name: str | None = None,
-                 task: Task | str | None = None, progress: bool = True) -> None:
+                 task: Task | str | None = None, progress: bool = True, reuse_frozen_layers: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.adapter_name = adapter_name or _single_active_adapter(model)
@@ -181,6 +184,8 @@ class GraceEditor:
                 f"No GRACE adapter named '{self.adapter_name}' in this model. Wrap the model first: "
                 "get_peft_model(model, GraceConfig(target_modules=[...])), after `import grace_peft`."
             )
+        self.frozen_blocks = blocks_below(_transformers_model(model), list(self.layers)) if reuse_frozen_layers \
+            else []
 
     @property
     def config(self) -> GraceConfig:
@@ -213,23 +218,25 @@ class GraceEditor:
         inputs = {name: tensor.to(self._input_device()) for name, tensor in encoded.inputs.items()}
         labels = inputs["labels"]
         with _eval_mode(self.model), _codebooks_restored_on_error(self._codebooks()):
-            probes, logits = self._probe(inputs)
-            if self.config.skip_if_correct and bool(target_predicted(self.task, logits, labels).all()):
-                return EditReport(prompt, target, None, skipped=True, success=True,
-                                  seconds=time.perf_counter() - started)
-            edit_id = max(int(codebook.next_edit_id) for codebook in self._codebooks())
-            operations, trained = {}, {}
-            for name, layer in self.layers.items():
-                query, current = probes[name]
-                codebook = layer.grace_codebook[self.adapter_name]
-                update = codebook.update(query[0], encoded.label_ids, edit_id=edit_id,
-                                         init_value=self._initial_value(current[0], edit_id, name))
-                operations[name] = update.operation
-                trained[name] = (update.index, codebook.values[update.index].detach().clone().requires_grad_(True))
-            steps = self._train(inputs, {name: value for name, (_, value) in trained.items()})
+            with replay_frozen_blocks(self.frozen_blocks):
+                probes, logits = self._probe(inputs)
+                if self.config.skip_if_correct and bool(target_predicted(self.task, logits, labels).all()):
+                    return EditReport(prompt, target, None, skipped=True, success=True,
+                                      seconds=time.perf_counter() - started)
+                edit_id = max(int(codebook.next_edit_id) for codebook in self._codebooks())
+                operations, trained = {}, {}
+                for name, layer in self.layers.items():
+                    query, current = probes[name]
+                    codebook = layer.grace_codebook[self.adapter_name]
+                    update = codebook.update(query[0], encoded.label_ids, edit_id=edit_id,
+                                             init_value=self._initial_value(current[0], edit_id, name))
+                    operations[name] = update.operation
+                    trained[name] = (update.index,
+                                     codebook.values[update.index].detach().clone().requires_grad_(True))
+                steps = self._train(inputs, {name: value for name, (_, value) in trained.items()})
             for name, (index, value) in trained.items():
                 self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
-            loss, success = self._verify(inputs)
+            loss, success = self._verify(inputs)  # a full pass, no replay: the edit as inference will see it
         return EditReport(prompt, target, edit_id, skipped=False, operations=operations, steps=steps, loss=loss,
                           success=success, seconds=time.perf_counter() - started)
 
