@@ -1,0 +1,270 @@
+"""Lifelong editing benchmark: T sequential edits on one model, final-state Rel / Gen / Loc, speed and memory.
+
+    python benchmarks/lifelong.py                           # SmolLM2-135M, zsRE dev, default T and settings
+    python benchmarks/lifelong.py --data counterfact --edits 300
+    python benchmarks/lifelong.py --edits 599 --reference-edits 20
+    python benchmarks/lifelong.py --sweep-layers 15,21,25,27,29 --sweep-eps 0.5,1,3 --edits 100
+
+Writes ``result.json`` and ``curves.png`` (or ``sweep.json`` and ``sweep.md``) into ``--output``. Scores use the
+teacher-forced protocol of spec §8 unless ``--protocol generation``; Loc is agreement with the unedited model.
+``--reference-edits N`` also times the authors' procedure (a fixed 100 Adam steps at lr 1.0 through the full model)
+on the first N edits, in the same process, and reports the speed ratio and both procedures' Rel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median, quantiles
+
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grace_peft import GraceConfig, GraceEditor
+from grace_peft.evaluation import Protocol, read_edits, run_lifelong
+from grace_peft.smollm2 import load_smollm2
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASETS = {"zsre": DATA / "zsre_dev.json", "counterfact": DATA / "counterfact_dev.json"}
+DEFAULT_EDITS = 200
+REFERENCE = {"max_steps": 100, "learning_rate": 1.0, "early_stop": "never"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", default="smollm2", help="'smollm2' or a local causal LM folder (default smollm2)")
+    parser.add_argument("--data", default="zsre", help="'zsre', 'counterfact' or an edits file (default zsre)")
+    parser.add_argument("--edits", type=int, default=DEFAULT_EDITS, help=f"T, edits to apply (default {DEFAULT_EDITS};"
+                        " 0 = all)")
+    parser.add_argument("--layer", type=int, default=27, help="block whose MLP down projection is edited (default 27)")
+    parser.add_argument("--target-module", help="explicit module name (overrides --layer)")
+    parser.add_argument("--eps-init", type=float, default=1.0, help="initial radius (default 1.0)")
+    parser.add_argument("--replacement", default="replace_last", help="replacement mode (default replace_last)")
+    parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
+    parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
+    parser.add_argument("--checkpoint-every", type=int, help="score edits so far every k edits (default T/10)")
+    parser.add_argument("--reference-edits", type=int, default=0,
+                        help="also time the reference procedure (100 Adam steps, full model) on the first N edits")
+    parser.add_argument("--sweep-layers", help="comma-separated layers: run a layer x eps_init sweep instead")
+    parser.add_argument("--sweep-eps", default="1.0", help="comma-separated eps_init values for the sweep")
+    parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def load_model(name: str):
+    if name == "smollm2":
+        return load_smollm2()
+    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def target_name(model, args: argparse.Namespace, layer: int) -> str:
+    if args.target_module:
+        return args.target_module
+    names = [name for name, _ in model.named_modules()]
+    for candidate in (f"model.layers.{layer}.mlp.down_proj", f"transformer.h.{layer}.mlp.c_proj"):
+        if candidate in names:
+            return candidate
+    raise SystemExit(f"No MLP down projection at layer {layer} in this model: pass --target-module.")
+
+
+def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: float, procedure: dict | None = None,
+                   reuse_frozen_layers: bool = True, checkpoint_every: int | None = None):
+    """One lifelong run on a fresh copy of the base model."""
+    options = {"replacement": args.replacement, "max_steps": args.max_steps, **(procedure or {})}
+    config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
+    model = get_peft_model(copy.deepcopy(base), config)
+    editor = GraceEditor(model, tokenizer, progress=False, reuse_frozen_layers=reuse_frozen_layers)
+    return run_lifelong(editor, records, protocol=args.protocol, batch_size=args.batch_size,
+                        checkpoint_every=checkpoint_every, progress=not args.no_progress)
+
+
+def timing(result) -> dict[str, float]:
+    seconds = [report.seconds for report in result.reports]
+    p90 = quantiles(seconds, n=10)[-1] if len(seconds) > 1 else seconds[0]
+    return {"median_s_per_edit": median(seconds), "p90_s_per_edit": p90, "total_edit_s": sum(seconds),
+            "mean_steps": sum(r.steps for r in result.reports) / len(seconds)}
+
+
+def summary(result) -> dict:
+    reports = result.reports
+    return {
+        "edits": len(reports),
+        "keys": result.num_keys,
+        "keys_per_edit": result.num_keys / len(reports),
+        "failed_edits": sum(not report.success for report in reports),
+        "unedited": result.unedited.summary(),
+        "final": result.final.summary(),
+        "paper_view": result.paper_view(),
+        **timing(result),
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def plot(result, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result.checkpoints
+    edits = [point["edits"] for point in points]
+    figure, (scores, keys) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for metric, style in (("rel", "o-"), ("gen", "s-"), ("loc", "^-")):
+        values = [point[metric] for point in points]
+        if all(value is not None for value in values):
+            scores.plot(edits, values, style, label=metric.capitalize())
+    scores.set(xlabel="edits applied", ylabel="score on edits so far", ylim=(-0.02, 1.02),
+               title=f"Rel / Gen / Loc ({result.protocol})")
+    scores.grid(alpha=0.3)
+    scores.legend()
+    keys.plot(edits, [point["keys"] for point in points], "o-", label="codebook keys")
+    keys.plot(edits, edits, "--", color="grey", label="one key per edit")
+    keys.set(xlabel="edits applied", ylabel="keys", title="codebook size")
+    keys.grid(alpha=0.3)
+    keys.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(handle)
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def run_single(base, tokenizer, records, args) -> dict:
+    every = args.checkpoint_every or max(1, len(records) // 10)
+    result = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
+                            checkpoint_every=every)
+    report = {"settings": settings(args, records), **summary(result), "checkpoints": result.checkpoints}
+    if args.reference_edits:
+        report["speed_vs_reference"] = compare_with_reference(base, tokenizer, records[: args.reference_edits], args)
+    report["peak_rss_mib"] = peak_rss_mib()
+    report["edit_reports"] = [edit.to_dict() for edit in result.reports]
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.output / "result.json", json.dumps(report, indent=1))
+    plot(result, args.output / "curves.png", f"{args.model} · {len(records)} {args.data} edits · "
+         f"{target_name(base, args, args.layer)} · eps_init {args.eps_init}")
+    return report
+
+
+def compare_with_reference(base, tokenizer, records, args) -> dict:
+    """The same edits, same process: ours (early stop + frozen-layer replay) vs. 100 fixed Adam steps."""
+    ours = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init)
+    reference = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
+                               procedure=REFERENCE, reuse_frozen_layers=False)
+    ours_time, reference_time = timing(ours), timing(reference)
+    return {
+        "edits": len(records),
+        "ours": {"rel": ours.final.rel, **ours_time},
+        "reference": {"rel": reference.final.rel, **reference_time, **REFERENCE},
+        "speedup_median": reference_time["median_s_per_edit"] / ours_time["median_s_per_edit"],
+        "speedup_total": reference_time["total_edit_s"] / ours_time["total_edit_s"],
+    }
+
+
+def run_sweep(base, tokenizer, records, args) -> list[dict]:
+    layers = [int(value) for value in args.sweep_layers.split(",")]
+    radii = [float(value) for value in args.sweep_eps.split(",")]
+    rows = []
+    for layer in layers:
+        for eps_init in radii:
+            started = time.perf_counter()
+            result = edit_and_score(base, tokenizer, records, args, layer=layer, eps_init=eps_init)
+            rows.append({"layer": layer, "eps_init": eps_init, **summary(result),
+                         "wall_s": time.perf_counter() - started})
+            print(sweep_line(rows[-1]), flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.output / "sweep.json", json.dumps({"settings": settings(args, records), "runs": rows},
+                                                             indent=1))
+    write_atomically(args.output / "sweep.md", sweep_table(rows, args, len(records)))
+    return rows
+
+
+def sweep_line(row: dict) -> str:
+    final = row["final"]
+    return (f"layer {row['layer']:>3}  eps_init {row['eps_init']:<5g} Rel {final['rel']:.3f}  Gen {fmt(final['gen'])}  "
+            f"Loc {fmt(final['loc'])}  keys/edit {row['keys_per_edit']:.2f}  failed {row['failed_edits']}  "
+            f"median {row['median_s_per_edit']:.2f} s/edit")
+
+
+def sweep_table(rows: list[dict], args, count: int) -> str:
+    lines = [f"{count} sequential {args.data} edits on {args.model}, final state, {args.protocol} protocol, "
+             f"{args.replacement}, max_steps {args.max_steps}.", "",
+             "| layer | eps_init | Rel | Gen | Loc | keys/edit | failed | median s/edit |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        final = row["final"]
+        lines.append(f"| {row['layer']} | {row['eps_init']:g} | {final['rel']:.3f} | {fmt(final['gen'])} | "
+                     f"{fmt(final['loc'])} | {row['keys_per_edit']:.2f} | {row['failed_edits']} | "
+                     f"{row['median_s_per_edit']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def settings(args, records) -> dict:
+    return {"model": args.model, "data": args.data, "edits": len(records), "layer": args.layer,
+            "target_module": args.target_module, "eps_init": args.eps_init, "replacement": args.replacement,
+            "max_steps": args.max_steps, "protocol": args.protocol, "torch_threads": torch.get_num_threads()}
+
+
+def print_report(report: dict) -> None:
+    final, unedited = report["final"], report["unedited"]
+    print(f"\n{report['edits']} sequential edits, final state ({report['settings']['protocol']}):")
+    print(f"  {'':10}{'unedited':>10}{'edited':>10}")
+    for metric in ("rel", "gen", "loc", "upstream"):
+        print(f"  {metric:10}{fmt(unedited[metric]):>10}{fmt(final[metric]):>10}")
+    print(f"  keys {report['keys']} ({report['keys_per_edit']:.2f} per edit), failed edits {report['failed_edits']}, "
+          f"median {report['median_s_per_edit']:.2f} s/edit, p90 {report['p90_s_per_edit']:.2f}, "
+          f"mean steps {report['mean_steps']:.1f}, peak RSS {report['peak_rss_mib']:.0f} MiB")
+    speed = report.get("speed_vs_reference")
+    if speed:
+        print(f"  vs reference on {speed['edits']} edits: {speed['speedup_median']:.1f}x faster per edit (median), "
+              f"{speed['speedup_total']:.1f}x in total; Rel ours {speed['ours']['rel']:.3f}, "
+              f"reference {speed['reference']['rel']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = DATASETS.get(args.data, Path(args.data))
+    if not path.is_file():
+        print(f"No edits file at {path}: pass --data PATH (the dev sets live in ../shared/data).", file=sys.stderr)
+        return 2
+    records = read_edits(path, limit=args.edits or None)
+    base, tokenizer = load_model(args.model)
+    if args.sweep_layers:
+        run_sweep(base, tokenizer, records, args)
+        print(f"\nwrote {args.output / 'sweep.json'} and {args.output / 'sweep.md'}")
+        return 0
+    report = run_single(base, tokenizer, records, args)
+    print_report(report)
+    print(f"\nwrote {args.output / 'result.json'} and {args.output / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
