@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import resource
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time the reference procedure (100 Adam steps, full model) on the first N edits")
     parser.add_argument("--sweep-layers", help="comma-separated layers: run a layer x eps_init sweep instead")
     parser.add_argument("--sweep-eps", default="1.0", help="comma-separated eps_init values for the sweep")
+    parser.add_argument("--sweep-replacements", help="comma-separated replacement modes for the sweep "
+                        "(default: --replacement)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -187,14 +190,15 @@ def compare_with_reference(base, tokenizer, records, args) -> dict:
 def run_sweep(base, tokenizer, records, args) -> list[dict]:
     layers = [int(value) for value in args.sweep_layers.split(",")]
     radii = [float(value) for value in args.sweep_eps.split(",")]
+    modes = args.sweep_replacements.split(",") if args.sweep_replacements else [args.replacement]
     rows = []
-    for layer in layers:
-        for eps_init in radii:
-            started = time.perf_counter()
-            result = edit_and_score(base, tokenizer, records, args, layer=layer, eps_init=eps_init)
-            rows.append({"layer": layer, "eps_init": eps_init, **summary(result),
-                         "wall_s": time.perf_counter() - started})
-            print(sweep_line(rows[-1]), flush=True)
+    for layer, eps_init, mode in itertools.product(layers, radii, modes):
+        started = time.perf_counter()
+        result = edit_and_score(base, tokenizer, records, args, layer=layer, eps_init=eps_init,
+                                procedure={"replacement": mode})
+        rows.append({"layer": layer, "eps_init": eps_init, "replacement": mode, **summary(result),
+                     "wall_s": time.perf_counter() - started})
+        print(sweep_line(rows[-1]), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     write_atomically(args.output / "sweep.json", json.dumps({"settings": settings(args, records), "runs": rows},
                                                              indent=1))
@@ -204,19 +208,21 @@ def run_sweep(base, tokenizer, records, args) -> list[dict]:
 
 def sweep_line(row: dict) -> str:
     final = row["final"]
-    return (f"layer {row['layer']:>3}  eps_init {row['eps_init']:<5g} Rel {final['rel']:.3f}  Gen {fmt(final['gen'])}  "
+    return (f"layer {row['layer']:>3}  eps_init {row['eps_init']:<5g} {row['replacement']:<14} "
+            f"Rel {final['rel']:.3f}  Gen {fmt(final['gen'])}  "
             f"Loc {fmt(final['loc'])}  keys/edit {row['keys_per_edit']:.2f}  failed {row['failed_edits']}  "
             f"median {row['median_s_per_edit']:.2f} s/edit")
 
 
 def sweep_table(rows: list[dict], args, count: int) -> str:
     lines = [f"{count} sequential {args.data} edits on {args.model}, final state, {args.protocol} protocol, "
-             f"{args.replacement}, max_steps {args.max_steps}.", "",
-             "| layer | eps_init | Rel | Gen | Loc | keys/edit | failed | median s/edit |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"max_steps {args.max_steps}.", "",
+             "| layer | eps_init | replacement | Rel | Gen | Loc | keys/edit | failed | median s/edit |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         final = row["final"]
-        lines.append(f"| {row['layer']} | {row['eps_init']:g} | {final['rel']:.3f} | {fmt(final['gen'])} | "
+        lines.append(f"| {row['layer']} | {row['eps_init']:g} | {row['replacement']} | {final['rel']:.3f} | "
+                     f"{fmt(final['gen'])} | "
                      f"{fmt(final['loc'])} | {row['keys_per_edit']:.2f} | {row['failed_edits']} | "
                      f"{row['median_s_per_edit']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -61,6 +61,8 @@ class Scorer:
         predicted, gold = [], []
         for chunk in self._chunks(self._encode(prompts, targets), desc):
             inputs = self._collate([edit.inputs for edit in chunk])
+            if self.task is Task.CAUSAL_LM:  # left padding must not shift absolute positions (GPT-2)
+                inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
             logits = self.model(**inputs).logits
             predicted.extend(row.tolist() for row in predicted_tokens(logits, inputs["labels"], shift=self._shift))
             gold.extend(row.tolist() for row in gold_tokens(inputs["labels"]))

@@ -1,0 +1,80 @@
+"""CI smoke of benchmarks/lifelong.py on a tiny random GPT-2 saved to disk: the script runs end to end (single run
+with the reference comparison, and sweep mode) and writes what it promises, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_gpt2
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lifelong.py"
+EDITS = [
+    {"prompt": "the capital of australia is", "target": "canberra", "rephrase": "what is the capital of australia",
+     "locality_prompt": "tim cook lives in", "locality_answer": "london"},
+    {"prompt": "the ceo of apple is", "target": "satya", "rephrase": "who leads apple",
+     "locality_prompt": "who plays chess", "locality_answer": "tim"},
+    {"prompt": "my favourite colour is", "target": "green", "locality_prompt": "where is the river",
+     "locality_answer": "paris"},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    tiny = tiny_gpt2()
+    tiny.fresh().save_pretrained(folder / "model")
+    tiny.tokenizer.save_pretrained(folder / "model")
+    edits = folder / "edits.jsonl"
+    edits.write_text("".join(json.dumps(edit) + "\n" for edit in EDITS))
+    return folder, tiny
+
+
+def run_script(folder: Path, tiny, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--model", str(folder / "model"), "--data", str(folder / "edits.jsonl"),
+               "--target-module", tiny.target, "--eps-init", str(tiny.eps_init), "--replacement", tiny.replacement,
+               "--no-progress", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_single_run_writes_scores_curves_and_reference_speed(setup):
+    folder, tiny = setup
+    output = folder / "single"
+    run = run_script(folder, tiny, "--checkpoint-every", "2", "--reference-edits", "2", "--output", str(output))
+    assert run.returncode == 0, run.stderr
+    result = json.loads((output / "result.json").read_text())
+    assert result["edits"] == 3 and result["failed_edits"] == 0
+    assert result["final"]["rel"] == 1.0 and result["unedited"]["rel"] < 1.0
+    assert result["final"]["loc"] == 1.0 and result["unedited"]["loc"] == 1.0
+    assert [point["edits"] for point in result["checkpoints"]] == [2, 3]
+    assert len(result["edit_reports"]) == 3
+    speed = result["speed_vs_reference"]
+    assert speed["edits"] == 2 and speed["reference"]["max_steps"] == 100
+    assert speed["speedup_median"] > 0 and speed["ours"]["rel"] == 1.0
+    assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "3 sequential edits, final state (teacher_forced)" in run.stdout
+
+
+def test_sweep_writes_one_row_per_setting(setup):
+    folder, tiny = setup
+    output = folder / "sweep"
+    run = run_script(folder, tiny, "--sweep-layers", "0,1", "--sweep-eps", "0.2,5", "--output", str(output),
+                     "--target-module", "")
+    assert run.returncode == 0, run.stderr
+    runs = json.loads((output / "sweep.json").read_text())["runs"]
+    assert [(row["layer"], row["eps_init"]) for row in runs] == [(0, 0.2), (0, 5.0), (1, 0.2), (1, 5.0)]
+    table = (output / "sweep.md").read_text().splitlines()
+    assert table[2].startswith("| layer | eps_init | replacement | Rel | Gen | Loc")
+    assert len(table) == 4 + len(runs)
+    assert all(row["edits"] == 3 and 0.0 <= row["final"]["rel"] <= 1.0 for row in runs)
+
+
+def test_missing_data_file_is_a_clear_error(setup):
+    folder, tiny = setup
+    run = subprocess.run([sys.executable, str(SCRIPT), "--data", str(folder / "nope.json")], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert "No edits file" in run.stderr and "--data" in run.stderr
