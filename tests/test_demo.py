@@ -10,12 +10,13 @@ import pytest
 from conftest import tiny_llama
 
 from grace_peft import GraceConfig, demo, smollm2
+from grace_peft.evaluation.records import EditRecord, read_jsonl
 
 # Single-token targets of the tiny vocabulary; the tiny models do not generate them before editing.
 TINY_EDITS = [
-    demo.DemoEdit("the capital of australia is", "canberra", "what is the capital of australia"),
-    demo.DemoEdit("the ceo of apple is", "satya", "who leads apple"),
-    demo.DemoEdit("my favourite colour is", "green", "what is my favourite colour"),
+    EditRecord("the capital of australia is", "canberra", "what is the capital of australia"),
+    EditRecord("the ceo of apple is", "satya", "who leads apple"),
+    EditRecord("my favourite colour is", "green", "what is my favourite colour"),
 ]
 TINY_UNRELATED = ("tim cook lives in", "who plays chess", "where is the river")
 
@@ -44,11 +45,12 @@ def test_builtin_edit_set_has_36_clean_records():
         assert record["rephrase"] != record["prompt"], record
     prompts = [record["prompt"] for record in records]
     assert len(set(prompts)) == len(prompts)
-    assert demo.load_edits() == [demo.DemoEdit(**record) for record in records]
+    assert [(edit.prompt, edit.target, edit.rephrase) for edit in read_jsonl(demo.EDITS_FILE)] == \
+        [(record["prompt"], record["target"], record["rephrase"]) for record in records]
 
 
 def test_unrelated_prompts_are_eight_and_not_edit_prompts():
-    edits = demo.load_edits()
+    edits = read_jsonl(demo.EDITS_FILE)
     assert len(demo.UNRELATED_PROMPTS) == 8 == len(set(demo.UNRELATED_PROMPTS))
     edited = {edit.prompt for edit in edits} | {edit.rephrase for edit in edits}
     assert not edited & set(demo.UNRELATED_PROMPTS)

