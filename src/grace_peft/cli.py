@@ -1,0 +1,554 @@
+"""The ``grace-peft`` command: edit a model with GRACE, evaluate a saved adapter, inspect one.
+
+Run ``grace-peft --help`` (or ``python -m grace_peft.cli --help``). Every sub-command exits 0 on success and 2 with a
+one-line ``grace-peft: error: ...`` message on a usage or input error (missing model folder, bad edits file, wrong
+module name, a folder that is not a GRACE adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from .config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
+from .editing import EditReport, GraceEditor
+from .evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
+from .layer import supported_base_layer
+from .model import codebook_sizes
+
+PROG = "grace-peft"
+SMOLLM2 = "smollm2"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_NAME = "default"
+DTYPES = ("float32", "bfloat16", "float16")
+METRICS = ("rel", "gen", "loc", "upstream")
+
+# MLP output projection of block N, per model family, matched against the full module names.
+MLP_OUTPUT_PATTERNS = {
+    "llama": re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$"),  # Llama, Mistral, Qwen2, SmolLM2, ...
+    "gpt2": re.compile(r"(?:^|\.)h\.(\d+)\.mlp\.c_proj$"),  # GPT-2 (Conv1D), GPT-Neo
+}
+# GraceConfig fields that `edit` options set (same names as the argparse dests); refused with --adapter.
+CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop")
+_CODEBOOK_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.grace_codebook\.(?P<tensor>\w+)$")
+
+
+class CliError(Exception):
+    """An input or usage error: reported as one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``grace-peft`` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) and usage errors (2): return the code instead of exiting
+        return exit_.code if isinstance(exit_.code, int) else 0
+    try:
+        with warnings.catch_warnings(), _transformers_progress(not getattr(args, "no_progress", True)):
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+            return args.run(args)
+    except CliError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a command that stopped reading (e.g. `| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``grace-peft`` and its sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Lifelong model editing with GRACE as a PEFT adapter: apply (prompt, target) edits to a\n"
+                    "transformers model, score a saved adapter, or look inside one. An adapter is a codebook at one\n"
+                    "layer; the base model's weights never change.",
+        epilog=f"examples:\n"
+               f"  {PROG} edit {SMOLLM2} edits.jsonl --output my-edits --eps-init 1.0\n"
+               f"  {PROG} eval {SMOLLM2} my-edits edits.jsonl --output scores.json\n"
+               f"  {PROG} inspect my-edits\n\n"
+               f"Run '{PROG} COMMAND --help' for the options of a command.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_edit_parser(commands)
+    _add_eval_parser(commands)
+    _add_inspect_parser(commands)
+    return parser
+
+
+def _add_edit_parser(commands) -> None:
+    edit = commands.add_parser(
+        "edit", help="apply the edits of a file to a model and save the GRACE adapter",
+        description="Apply the edits of EDITS in order to MODEL (one GraceEditor.edit per record) and save the "
+                    "GRACE adapter to --output. Prints how many edits took, the codebook size and the median time "
+                    "per edit.")
+    _add_model_argument(edit)
+    _add_edits_argument(edit)
+    edit.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to save the adapter to (required)")
+    target = edit.add_mutually_exclusive_group()
+    target.add_argument("--target-modules", nargs="+", metavar="NAME",
+                        help="modules to wrap: full names or name suffixes (e.g. model.layers.20.mlp.down_proj)")
+    target.add_argument("--layer", type=_non_negative_int, metavar="N",
+                        help="wrap the MLP output projection of block N (Llama-like: model.layers.N.mlp.down_proj; "
+                             "GPT-2: transformer.h.N.mlp.c_proj). Default when neither --layer nor --target-modules "
+                             "is given: block 27 of a Llama-like model with at least 28 blocks, else the "
+                             "second-to-last block")
+    defaults = {item.name: item.default for item in dataclasses.fields(GraceConfig)}
+    edit.add_argument("--eps-init", type=_positive_float, metavar="X",
+                      help="radius of a new codebook key, in the layer's input space; it scales with the layer's "
+                           f"activations (default: {defaults['eps_init']})")
+    edit.add_argument("--replacement", choices=REPLACEMENT_MODES,
+                      help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
+    edit.add_argument("--max-steps", type=_positive_int, metavar="N",
+                      help=f"most training steps per edit (default: {defaults['max_steps']})")
+    edit.add_argument("--learning-rate", type=_positive_float, metavar="X",
+                      help=f"Adam learning rate of an edit's value (default: {defaults['learning_rate']})")
+    edit.add_argument("--early-stop", choices=EARLY_STOP_RULES,
+                      help="stop training an edit once the target is predicted, once the loss is below the stop "
+                           f"loss, or never (default: {defaults['early_stop']})")
+    _add_format_options(edit)
+    edit.add_argument("--adapter", metavar="DIR",
+                      help="continue editing this saved GRACE adapter instead of creating a new one; its "
+                           "configuration is kept, so the target and configuration options above are refused")
+    edit.add_argument("--report", metavar="FILE.json", help="also write the per-edit reports as JSON")
+    _add_no_progress(edit)
+    edit.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="dtype to load the model in (default: float32)")
+    edit.set_defaults(run=run_edit)
+
+
+def _add_eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="score a saved adapter on an edits file (Rel, Gen, Loc, upstream), edited vs. unedited",
+        description="Score the GRACE adapter ADAPTER on MODEL with the records of EDITS: Rel (edit prompts), Gen "
+                    "(rephrases), Loc (locality prompts: agreement with the unedited model's own predictions) and "
+                    "upstream (accuracy on the locality answers), for the unedited base and the edited model.")
+    _add_model_argument(evaluate)
+    evaluate.add_argument("adapter", metavar="ADAPTER", help="folder of a saved GRACE adapter")
+    _add_edits_argument(evaluate)
+    evaluate.add_argument("--protocol", choices=[protocol.value for protocol in Protocol],
+                          default=Protocol.TEACHER_FORCED.value,
+                          help="teacher_forced: argmax at each target token given the gold prefix; generation: "
+                               "greedy generation of as many tokens as the target has (default: teacher_forced)")
+    _add_format_options(evaluate)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                          help="prompts per forward pass (default: 16)")
+    evaluate.add_argument("--output", "-o", metavar="FILE.json",
+                          help="also write the scores (with per-record values) as JSON")
+    _add_no_progress(evaluate)
+    evaluate.set_defaults(run=run_eval)
+
+
+def _add_inspect_parser(commands) -> None:
+    inspect = commands.add_parser(
+        "inspect", help="summarize a saved adapter's codebooks without loading a model",
+        description="Read ADAPTER's adapter_config.json and adapter_model.safetensors (no model is loaded) and "
+                    "print, per wrapped module, the number of keys, the radii (min / median / max), the number of "
+                    "distinct edit ids and the range of the value norms, with the adapter's configuration.")
+    inspect.add_argument("adapter", metavar="ADAPTER", help="folder of a saved GRACE adapter")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(run=run_inspect)
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help=f"a local transformers model folder (causal or seq2seq LM, with its tokenizer), or "
+                             f"'{SMOLLM2}' for SmolLM2-135M-Instruct from the package index")
+
+
+def _add_edits_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("edits", metavar="EDITS",
+                        help="edits file: a JSON list or JSON Lines of zsRE, CounterFact or plain "
+                             "(prompt, target, rephrase, locality_prompt, locality_answer) records")
+
+
+def _add_format_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                        help="format of EDITS; auto detects it from the first record's keys (default: auto)")
+    parser.add_argument("--limit", type=_non_negative_int, metavar="N",
+                        help="use only the first N records (default: all)")
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+
+
+# ---------------------------------------------------------------------------------------------- edit
+def run_edit(args: argparse.Namespace) -> int:
+    """``grace-peft edit``: apply the edits and save the adapter."""
+    options = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
+    if args.adapter:
+        given = [name for name in ("target_modules", "layer") if getattr(args, name) is not None] + list(options)
+        if given:
+            drop = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise CliError(f"--adapter continues an adapter with its own configuration; drop {drop}")
+        read_adapter_config(args.adapter)  # fail before loading the model
+    records = load_records(args.edits, args.format, args.limit)
+    model, tokenizer = load_model(args.model, args.dtype)
+    if args.adapter:
+        peft_model = load_adapter(model, args.adapter, is_trainable=False)
+    else:
+        config = GraceConfig(target_modules=resolve_targets(model, args.target_modules, args.layer), **options)
+        try:
+            peft_model = get_peft_model(model, config)
+        except (ValueError, TypeError, NotImplementedError) as error:  # a module GRACE cannot wrap
+            raise CliError(str(error)) from None
+    editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress)
+    started = time.perf_counter()
+    reports = editor.edit_many([(record.prompt, record.target) for record in records])
+    seconds = time.perf_counter() - started
+    peft_model.save_pretrained(args.output)
+
+    print_edit_summary(reports, list(editor.layers), editor.num_keys(), seconds)
+    print(f"adapter saved to {args.output}")
+    if args.report:
+        write_json(args.report, {
+            "model": args.model, "edits_file": args.edits, "adapter": args.output, "continued_from": args.adapter,
+            "target_modules": list(editor.layers), "num_keys": editor.num_keys(), "seconds": seconds,
+            "edits": [{"source_index": record.source_index, **report.to_dict()}
+                      for record, report in zip(records, reports, strict=True)],
+        })
+        print(f"report written to {args.report}")
+    return 0
+
+
+def print_edit_summary(reports: Sequence[EditReport], modules: Sequence[str], num_keys: int, seconds: float) -> None:
+    """Edits applied, how many took and were skipped, the codebook size and the median time per edit."""
+    skipped = sum(report.skipped for report in reports)
+    applied = len(reports) - skipped
+    took = sum(report.success and not report.skipped for report in reports)
+    median = statistics.median(report.seconds for report in reports)
+    print(f"GRACE edit of {', '.join(modules)}: {len(reports)} edits in {seconds:.1f} s")
+    for label, value in (("edits applied", applied), ("took", f"{took} / {applied}"), ("skipped", skipped),
+                         ("codebook keys", num_keys), ("median", f"{median:.3f} s/edit")):
+        print(f"  {label:<15} {value}")
+
+
+def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None, layer: int | None) -> list[str]:
+    """The modules to wrap: ``target_modules`` checked against the model, else the MLP output projection of
+    ``layer`` (or of :func:`default_layer`)."""
+    if target_modules:
+        check_module_names(model, target_modules)
+        return list(target_modules)
+    family, projections = mlp_output_projections(model)
+    if layer is None:
+        layer = default_layer(family, len(projections))
+    if layer not in projections:
+        raise CliError(f"--layer {layer} is out of range: the model has {len(projections)} blocks "
+                       f"(0 to {len(projections) - 1})")
+    return [projections[layer]]
+
+
+def default_layer(family: str, num_layers: int) -> int:
+    """The block edited when neither --layer nor --target-modules is given: 27 for Llama-like models with at least
+    28 blocks (SmolLM2-135M has 30), else the second-to-last block."""
+    if family == "llama" and num_layers >= 28:
+        return 27
+    return max(num_layers - 2, 0)
+
+
+def mlp_output_projections(model: nn.Module) -> tuple[str, dict[int, str]]:
+    """The model family and, per block index, the full name of the block's MLP output projection."""
+    names = [name for name, _ in model.named_modules()]
+    for family, pattern in MLP_OUTPUT_PATTERNS.items():
+        found = [(int(match.group(1)), name) for name in names if (match := pattern.search(name))]
+        blocks = dict(found)
+        if found and len(blocks) == len(found) and sorted(blocks) == list(range(len(blocks))):  # one per block
+            return family, blocks
+    raise CliError(f"cannot find the MLP output projections of a {type(model).__name__} by name; "
+                   "name the module(s) to edit with --target-modules")
+
+
+def check_module_names(model: nn.Module, names: Sequence[str]) -> None:
+    """Every name must match a module exactly or as a name suffix; suggest close matches otherwise."""
+    modules = [name for name, _ in model.named_modules() if name]
+    unknown = [want for want in names if not any(name == want or name.endswith("." + want) for name in modules)]
+    if unknown:
+        wrappable = [name for name, module in model.named_modules() if supported_base_layer(module)]
+        close = sorted({match for want in unknown for match in difflib.get_close_matches(want, wrappable, n=3)})
+        hint = f"; close matches: {', '.join(close)}" if close else f"; wrappable modules include {wrappable[-3:]}"
+        raise CliError(f"--target-modules: no module of {type(model).__name__} is named {', '.join(unknown)}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def run_eval(args: argparse.Namespace) -> int:
+    """``grace-peft eval``: score the unedited base and the adapter on the same records."""
+    records = load_records(args.edits, args.format, args.limit)
+    read_adapter_config(args.adapter)
+    model, tokenizer = load_model(args.model, "float32")
+    options = {"protocol": args.protocol, "batch_size": args.batch_size, "progress": not args.no_progress}
+    # The unedited scores and the locality reference come from the base before the adapter is injected.
+    unedited_evaluator = Evaluator(model, tokenizer, **options)
+    reference = unedited_evaluator.locality_reference(records)
+    unedited = unedited_evaluator.score(records, reference)
+    peft_model = load_adapter(model, args.adapter, is_trainable=False)
+    edited = Evaluator(peft_model, tokenizer, **options).score(records, reference)
+    num_keys = sum(shape["size"] for shape in codebook_sizes(peft_model, ADAPTER_NAME).values())
+
+    print(f"GRACE eval of {args.adapter} ({num_keys} keys) on {len(records)} records of {args.edits}")
+    print_score_table(args.protocol, unedited, edited)
+    if args.output:
+        write_json(args.output, {
+            "protocol": args.protocol, "model": args.model, "adapter": args.adapter, "edits_file": args.edits,
+            "num_records": len(records), "num_keys": num_keys,
+            "unedited": dataclasses.asdict(unedited), "edited": dataclasses.asdict(edited),
+        })
+        print(f"scores written to {args.output}")
+    return 0
+
+
+def print_score_table(protocol: str, unedited: Scores, edited: Scores) -> None:
+    """Rel, Gen, Loc and upstream of the unedited and the edited model ("-" where no record has the field)."""
+    print(f"{'metric (' + protocol + ')':<26} {'unedited':>9} {'edited':>9}")
+    for metric in METRICS:
+        label = "upstream" if metric == "upstream" else metric.capitalize()
+        before, after = (_number(getattr(scores, metric), ".3f") for scores in (unedited, edited))
+        print(f"{label:<26} {before:>9} {after:>9}")
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def run_inspect(args: argparse.Namespace) -> int:
+    """``grace-peft inspect``: summarize a saved adapter from its files alone."""
+    summary = summarize_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    config = summary["config"]
+    print(f"GRACE adapter {args.adapter}: {summary['num_keys']} keys in {len(summary['modules'])} module(s)")
+    for key in ("base_model", "target_modules", "eps_init", "eps_expand", "replacement"):
+        value = config[key]
+        print(f"  {key.replace('_', ' '):<15} {', '.join(value) if isinstance(value, list) else value}")
+    for name, module in summary["modules"].items():
+        radii, norms = module["radii"], module["value_norms"]
+        print(name)
+        print(f"  {'keys':<15} {module['keys']} (key dim {module['key_dim']}, value dim {module['value_dim']})")
+        print(f"  {'edit ids':<15} {module['distinct_edit_ids']} distinct, {module['edits_seen']} edits seen")
+        print(f"  {'radii':<15} min {_number(radii['min'])}, median {_number(radii['median'])}, "
+              f"max {_number(radii['max'])}")
+        print(f"  {'value norms':<15} {_number(norms['min'])} to {_number(norms['max'])}")
+    return 0
+
+
+def summarize_adapter(folder: str | os.PathLike) -> dict[str, Any]:
+    """Configuration essentials and per-module codebook statistics of a saved GRACE adapter."""
+    config = read_adapter_config(folder)
+    weights = Path(folder) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CliError(f"{folder} has a GRACE adapter_config.json but no {ADAPTER_WEIGHTS}")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(weights).items():
+        if match := _CODEBOOK_TENSOR.match(key):
+            tensors.setdefault(match["module"], {})[match["tensor"]] = tensor
+    if not tensors:
+        raise CliError(f"{weights} holds no GRACE codebook tensors")
+    modules = {name: codebook_statistics(name, parts) for name, parts in sorted(tensors.items())}
+    target_modules = config.get("target_modules")
+    return {
+        "adapter": os.fspath(folder),
+        "config": {
+            "base_model": config.get("base_model_name_or_path"),
+            "target_modules": sorted(target_modules) if isinstance(target_modules, list) else target_modules,
+            "eps_init": config.get("eps_init"),
+            "eps_expand": config.get("eps_expand"),
+            "replacement": config.get("replacement"),
+        },
+        "num_keys": sum(module["keys"] for module in modules.values()),
+        "modules": modules,
+    }
+
+
+def codebook_statistics(module: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Keys, radii, distinct edit ids and value norms of one saved codebook."""
+    missing = [name for name in ("keys", "values", "radii", "edit_ids") if name not in tensors]
+    if missing:
+        raise CliError(f"the codebook of {module} lacks its {', '.join(missing)} tensor(s)")
+    keys, values, radii = tensors["keys"], tensors["values"].float(), tensors["radii"].float().tolist()
+    norms = values.norm(dim=-1).tolist()
+    next_edit_id = tensors.get("next_edit_id")
+    return {
+        "keys": keys.shape[0],
+        "key_dim": keys.shape[-1],
+        "value_dim": values.shape[-1],
+        "distinct_edit_ids": len(set(tensors["edit_ids"].tolist())),
+        "edits_seen": int(next_edit_id) if next_edit_id is not None else None,
+        "radii": {"min": min(radii, default=None), "median": statistics.median(radii) if radii else None,
+                  "max": max(radii, default=None)},
+        "value_norms": {"min": min(norms, default=None), "max": max(norms, default=None)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def load_records(path: str, format: str, limit: int | None) -> list[EditRecord]:
+    """The records of an edits file; reader warnings (skipped records) become ``grace-peft: warning:`` lines."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = read_edits(path, format, limit=limit)
+    except (EditFileError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as error:
+        raise CliError(f"bad edits file: {error}") from None
+    for warning in caught:
+        print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+    if not records:
+        raise CliError(f"no edits to use in {path}")
+    return records
+
+
+def model_folder(model: str) -> Path:
+    """The checkpoint folder of MODEL: a local folder, or SmolLM2's converted checkpoint."""
+    if model == SMOLLM2:
+        from .smollm2 import smollm2_path
+
+        try:
+            return smollm2_path()
+        except ModuleNotFoundError as error:
+            raise CliError(str(error)) from None
+    folder = Path(model)
+    if not folder.is_dir():
+        raise CliError(f"model folder not found: {model}")
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{model} is not a transformers model folder (no config.json)")
+    return folder
+
+
+def load_model(model: str, dtype: str) -> tuple[nn.Module, Any]:
+    """The base model (causal or seq2seq LM, by its config) in eval mode, and its tokenizer."""
+    folder = model_folder(model)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        base = auto_class.from_pretrained(folder, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot load the model in {model}: {error}") from None
+    return base.eval(), tokenizer
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of a GRACE adapter folder; anything else is a :class:`CliError`."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not Path(folder).is_dir():
+        raise CliError(f"adapter folder not found: {folder}")
+    if not path.is_file():
+        raise CliError(f"{folder} is not a GRACE adapter: it has no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CliError(f"{path} is not valid JSON: {error}") from None
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type != "GRACE":
+        raise CliError(f"{folder} is not a GRACE adapter: its {ADAPTER_CONFIG} has peft_type {peft_type!r}")
+    return config
+
+
+def load_adapter(model: nn.Module, folder: str, *, is_trainable: bool) -> PeftModel:
+    """Wrap ``model`` with the GRACE adapter saved in ``folder`` (checked first with :func:`read_adapter_config`)."""
+    try:
+        return PeftModel.from_pretrained(model, folder, is_trainable=is_trainable)
+    except (OSError, ValueError) as error:  # missing weights, codebooks that do not fit this model
+        raise CliError(f"cannot load the adapter {folder} onto this model: {error}") from None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as JSON atomically (a temporary file in the same folder, then renamed); NaN/inf become null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates it private; give it a normal file's mode
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(_finite(data), file, indent=2, allow_nan=False)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finite(data: Any) -> Any:
+    """``data`` with non-finite floats replaced by None (strict JSON has no NaN)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
+
+
+def _number(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Show transformers' own progress bars (weight loading) only when ``enabled``; restore the setting after."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _number_option(convert, check, requirement: str):
+    """An argparse ``type`` converting with ``convert`` and accepting values that pass ``check``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number_option(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _number_option(int, lambda value: value >= 0, "an integer >= 0")
+_positive_float = _number_option(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
