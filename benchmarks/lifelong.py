@@ -27,11 +27,10 @@ from statistics import median, quantiles
 
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grace_peft import GraceConfig, GraceEditor
+from grace_peft.base_models import load_model, mlp_output_projection
 from grace_peft.evaluation import Protocol, read_edits, run_lifelong
-from grace_peft.smollm2 import load_smollm2
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {"zsre": DATA / "zsre_dev.json", "counterfact": DATA / "counterfact_dev.json"}
@@ -65,20 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(name: str):
-    if name == "smollm2":
-        return load_smollm2()
-    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
-
-
 def target_name(model, args: argparse.Namespace, layer: int) -> str:
-    if args.target_module:
-        return args.target_module
-    names = [name for name, _ in model.named_modules()]
-    for candidate in (f"model.layers.{layer}.mlp.down_proj", f"transformer.h.{layer}.mlp.c_proj"):
-        if candidate in names:
-            return candidate
-    raise SystemExit(f"No MLP down projection at layer {layer} in this model: pass --target-module.")
+    return args.target_module or mlp_output_projection(model, layer)
 
 
 def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: float, procedure: dict | None = None,

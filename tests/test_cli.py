@@ -13,7 +13,7 @@ import torch
 from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, TinyModel
 from peft import PeftModel
 
-from grace_peft import cli
+from grace_peft import base_models, cli
 from grace_peft.evaluation import Evaluator, read_edits
 
 LOCALITY = ("my favourite colour is", "red")  # an unrelated prompt, far from every edit's key on both tiny models
@@ -191,12 +191,12 @@ def test_layer_expands_to_the_mlp_output_projection(kind, tmp_path, capsys):
 
 
 def test_default_layer_rule():
-    assert cli.default_layer("llama", 30) == 27  # SmolLM2-135M
-    assert cli.default_layer("llama", 28) == 27
-    assert cli.default_layer("llama", 24) == 22
-    assert cli.default_layer("gpt2", 12) == 10
-    assert cli.default_layer("gpt2", 48) == 46
-    assert cli.default_layer("llama", 1) == 0
+    assert base_models.default_layer("llama", 30) == 27  # SmolLM2-135M
+    assert base_models.default_layer("llama", 28) == 27
+    assert base_models.default_layer("llama", 24) == 22
+    assert base_models.default_layer("gpt2", 12) == 10
+    assert base_models.default_layer("gpt2", 48) == 46
+    assert base_models.default_layer("llama", 1) == 0
 
 
 def test_no_target_options_edit_the_default_layer(gpt2, tmp_path, capsys):
@@ -339,7 +339,7 @@ def _lora_folder(tmp_path: Path) -> str:
     (lambda s, t: ["edit", s.model, str(t / "missing.jsonl"), "-o", str(t / "a")], "edit file not found"),
     (lambda s, t: ["edit", str(t / "no-model"), s.edits, "-o", str(t / "a")], "model folder not found"),
     (lambda s, t: ["edit", str(t), s.edits, "-o", str(t / "a")], "not a transformers model folder"),
-    (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--layer", "7"], "--layer 7 is out of range"),
+    (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--layer", "7"], "layer 7 is out of range"),
     (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--adapter", s.model], "not a GRACE adapter"),
     (lambda s, t: ["eval", s.model, s.model, s.edits], "not a GRACE adapter: it has no adapter_config.json"),
     (lambda s, t: ["inspect", s.model], "not a GRACE adapter: it has no adapter_config.json"),

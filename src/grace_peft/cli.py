@@ -28,9 +28,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from .base_models import SMOLLM2, ModelLoadError, load_model, mlp_output_projection
 from .config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
 from .editing import EditReport, GraceEditor
 from .evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
@@ -38,18 +38,12 @@ from .layer import supported_base_layer
 from .model import codebook_sizes
 
 PROG = "grace-peft"
-SMOLLM2 = "smollm2"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"
 DTYPES = ("float32", "bfloat16", "float16")
 METRICS = ("rel", "gen", "loc", "upstream")
 
-# MLP output projection of block N, per model family, matched against the full module names.
-MLP_OUTPUT_PATTERNS = {
-    "llama": re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$"),  # Llama, Mistral, Qwen2, SmolLM2, ...
-    "gpt2": re.compile(r"(?:^|\.)h\.(\d+)\.mlp\.c_proj$"),  # GPT-2 (Conv1D), GPT-Neo
-}
 # GraceConfig fields that `edit` options set (same names as the argparse dests); refused with --adapter.
 CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop")
 _CODEBOOK_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.grace_codebook\.(?P<tensor>\w+)$")
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(), _transformers_progress(not getattr(args, "no_progress", True)):
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
             return args.run(args)
-    except CliError as error:
+    except (CliError, ModelLoadError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -253,37 +247,11 @@ def print_edit_summary(reports: Sequence[EditReport], modules: Sequence[str], nu
 
 def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None, layer: int | None) -> list[str]:
     """The modules to wrap: ``target_modules`` checked against the model, else the MLP output projection of
-    ``layer`` (or of :func:`default_layer`)."""
+    ``--layer`` (or of the default layer)."""
     if target_modules:
         check_module_names(model, target_modules)
         return list(target_modules)
-    family, projections = mlp_output_projections(model)
-    if layer is None:
-        layer = default_layer(family, len(projections))
-    if layer not in projections:
-        raise CliError(f"--layer {layer} is out of range: the model has {len(projections)} blocks "
-                       f"(0 to {len(projections) - 1})")
-    return [projections[layer]]
-
-
-def default_layer(family: str, num_layers: int) -> int:
-    """The block edited when neither --layer nor --target-modules is given: 27 for Llama-like models with at least
-    28 blocks (SmolLM2-135M has 30), else the second-to-last block."""
-    if family == "llama" and num_layers >= 28:
-        return 27
-    return max(num_layers - 2, 0)
-
-
-def mlp_output_projections(model: nn.Module) -> tuple[str, dict[int, str]]:
-    """The model family and, per block index, the full name of the block's MLP output projection."""
-    names = [name for name, _ in model.named_modules()]
-    for family, pattern in MLP_OUTPUT_PATTERNS.items():
-        found = [(int(match.group(1)), name) for name in names if (match := pattern.search(name))]
-        blocks = dict(found)
-        if found and len(blocks) == len(found) and sorted(blocks) == list(range(len(blocks))):  # one per block
-            return family, blocks
-    raise CliError(f"cannot find the MLP output projections of a {type(model).__name__} by name; "
-                   "name the module(s) to edit with --target-modules")
+    return [mlp_output_projection(model, layer)]
 
 
 def check_module_names(model: nn.Module, names: Sequence[str]) -> None:
@@ -302,7 +270,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """``grace-peft eval``: score the unedited base and the adapter on the same records."""
     records = load_records(args.edits, args.format, args.limit)
     read_adapter_config(args.adapter)
-    model, tokenizer = load_model(args.model, "float32")
+    model, tokenizer = load_model(args.model)
     options = {"protocol": args.protocol, "batch_size": args.batch_size, "progress": not args.no_progress}
     # The unedited scores and the locality reference come from the base before the adapter is injected.
     unedited_evaluator = Evaluator(model, tokenizer, **options)
@@ -418,36 +386,6 @@ def load_records(path: str, format: str, limit: int | None) -> list[EditRecord]:
     if not records:
         raise CliError(f"no edits to use in {path}")
     return records
-
-
-def model_folder(model: str) -> Path:
-    """The checkpoint folder of MODEL: a local folder, or SmolLM2's converted checkpoint."""
-    if model == SMOLLM2:
-        from .smollm2 import smollm2_path
-
-        try:
-            return smollm2_path()
-        except ModuleNotFoundError as error:
-            raise CliError(str(error)) from None
-    folder = Path(model)
-    if not folder.is_dir():
-        raise CliError(f"model folder not found: {model}")
-    if not (folder / "config.json").is_file():
-        raise CliError(f"{model} is not a transformers model folder (no config.json)")
-    return folder
-
-
-def load_model(model: str, dtype: str) -> tuple[nn.Module, Any]:
-    """The base model (causal or seq2seq LM, by its config) in eval mode, and its tokenizer."""
-    folder = model_folder(model)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-        auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        base = auto_class.from_pretrained(folder, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise CliError(f"cannot load the model in {model}: {error}") from None
-    return base.eval(), tokenizer
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:

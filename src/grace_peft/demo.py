@@ -32,6 +32,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from . import smollm2
+from .base_models import SMOLLM2, load_model, mlp_output_projection
 from .config import GraceConfig
 from .editing import EditReport, GraceEditor
 from .evaluation.records import EditRecord, read_jsonl
@@ -68,11 +69,7 @@ class Generations:
 
 def load_base(base: str | None) -> tuple[nn.Module, object]:
     """The base model and tokenizer: SmolLM2 (``base`` None) or a checkpoint folder, in eval mode."""
-    if base is None:
-        return smollm2.load_smollm2()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    return load_model(base or SMOLLM2)
 
 
 def new_token_budgets(tokenizer, targets: Sequence[str], max_new_tokens: int | None) -> list[int]:
@@ -258,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     edits = read_jsonl(args.edits, limit=args.limit)
     model, tokenizer = load_base(args.base)
-    config = GraceConfig(target_modules=[f"model.layers.{args.layer}.mlp.down_proj"], eps_init=args.eps_init)
-    print(f"GRACE at model.layers.{args.layer}.mlp.down_proj, eps_init={args.eps_init}: {len(edits)} edits, "
+    target = mlp_output_projection(model, args.layer)
+    config = GraceConfig(target_modules=[target], eps_init=args.eps_init)
+    print(f"GRACE at {target}, eps_init={args.eps_init}: {len(edits)} edits, "
           f"{len(UNRELATED_PROMPTS)} unrelated prompts")
     return run_demo(model, tokenizer, config, edits, UNRELATED_PROMPTS, args.output, base=args.base,
                     max_new_tokens=args.max_new_tokens)

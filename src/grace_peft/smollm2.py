@@ -76,14 +76,3 @@ def smollm2_path() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def load_smollm2(*, dtype=None):
-    """Load SmolLM2-135M-Instruct and its tokenizer (float32 unless ``dtype`` is given), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else \
-        AutoModelForCausalLM.from_pretrained(path)
-    return model.eval(), tokenizer
