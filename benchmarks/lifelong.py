@@ -29,7 +29,7 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
-from grace_peft.base_models import load_model, mlp_output_projection
+from grace_peft.base_models import SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
 from grace_peft.evaluation import Protocol, read_edits, run_lifelong
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -45,12 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default="zsre", help="'zsre', 'counterfact' or an edits file (default zsre)")
     parser.add_argument("--edits", type=int, default=DEFAULT_EDITS, help=f"T, edits to apply (default {DEFAULT_EDITS};"
                         " 0 = all)")
-    parser.add_argument("--layer", type=int, default=27, help="block whose MLP down projection is edited (default 27)")
+    parser.add_argument("--layer", type=int, default=SMOLLM2_LAYER,
+                        help=f"block whose MLP down projection is edited (default {SMOLLM2_LAYER})")
     parser.add_argument("--target-module", help="explicit module name (overrides --layer)")
-    parser.add_argument("--eps-init", type=float, default=1.0, help="initial radius (default 1.0)")
+    parser.add_argument("--eps-init", type=float, default=SMOLLM2_EPS_INIT,
+                        help=f"initial radius (default {SMOLLM2_EPS_INIT})")
     parser.add_argument("--replacement", default="replace_last", help="replacement mode (default replace_last)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
     parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
+    parser.add_argument("--immediate", action="store_true",
+                        help="also score each edit right after it is applied (the paper's ES)")
     parser.add_argument("--checkpoint-every", type=int, help="score edits so far every k edits (default T/10)")
     parser.add_argument("--reference-edits", type=int, default=0,
                         help="also time the reference procedure (100 Adam steps, full model) on the first N edits")
@@ -69,14 +73,14 @@ def target_name(model, args: argparse.Namespace, layer: int) -> str:
 
 
 def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: float, procedure: dict | None = None,
-                   reuse_frozen_layers: bool = True, checkpoint_every: int | None = None):
+                   reuse_frozen_layers: bool = True, checkpoint_every: int | None = None, immediate: bool = False):
     """One lifelong run on a fresh copy of the base model."""
     options = {"replacement": args.replacement, "max_steps": args.max_steps, **(procedure or {})}
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
     editor = GraceEditor(model, tokenizer, progress=False, reuse_frozen_layers=reuse_frozen_layers)
     return run_lifelong(editor, records, protocol=args.protocol, batch_size=args.batch_size,
-                        checkpoint_every=checkpoint_every, progress=not args.no_progress)
+                        checkpoint_every=checkpoint_every, immediate=immediate, progress=not args.no_progress)
 
 
 def timing(result) -> dict[str, float]:
@@ -146,7 +150,7 @@ def plot(result, path: Path, title: str) -> None:
 def run_single(base, tokenizer, records, args) -> dict:
     every = args.checkpoint_every or max(1, len(records) // 10)
     result = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
-                            checkpoint_every=every)
+                            checkpoint_every=every, immediate=args.immediate)
     report = {"settings": settings(args, records), **summary(result), "checkpoints": result.checkpoints}
     if args.reference_edits:
         report["speed_vs_reference"] = compare_with_reference(base, tokenizer, records[: args.reference_edits], args)
@@ -186,10 +190,10 @@ def run_sweep(base, tokenizer, records, args) -> list[dict]:
         rows.append({"layer": layer, "eps_init": eps_init, "replacement": mode, **summary(result),
                      "wall_s": time.perf_counter() - started})
         print(sweep_line(rows[-1]), flush=True)
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.output / "sweep.json", json.dumps({"settings": settings(args, records), "runs": rows},
-                                                             indent=1))
-    write_atomically(args.output / "sweep.md", sweep_table(rows, args, len(records)))
+        # rewritten after every run: an interrupted sweep keeps the rows it finished
+        write_atomically(args.output / "sweep.json", json.dumps({"settings": settings(args, records), "runs": rows},
+                                                                 indent=1))
+        write_atomically(args.output / "sweep.md", sweep_table(rows, args, len(records)))
     return rows
 
 
@@ -234,6 +238,7 @@ def print_report(report: dict) -> None:
     print(f"  keys {report['keys']} ({report['keys_per_edit']:.2f} per edit), failed edits {report['failed_edits']}, "
           f"median {report['median_s_per_edit']:.2f} s/edit, p90 {report['p90_s_per_edit']:.2f}, "
           f"mean steps {report['mean_steps']:.1f}, peak RSS {report['peak_rss_mib']:.0f} MiB")
+    print("  paper view: " + ", ".join(f"{name} {fmt(value)}" for name, value in report["paper_view"].items()))
     speed = report.get("speed_vs_reference")
     if speed:
         print(f"  vs reference on {speed['edits']} edits: {speed['speedup_median']:.1f}x faster per edit (median), "

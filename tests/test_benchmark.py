@@ -43,19 +43,22 @@ def run_script(folder: Path, tiny, *extra: str) -> subprocess.CompletedProcess:
 def test_single_run_writes_scores_curves_and_reference_speed(setup):
     folder, tiny = setup
     output = folder / "single"
-    run = run_script(folder, tiny, "--checkpoint-every", "2", "--reference-edits", "2", "--output", str(output))
+    run = run_script(folder, tiny, "--checkpoint-every", "2", "--reference-edits", "2", "--immediate",
+                     "--output", str(output))
     assert run.returncode == 0, run.stderr
     result = json.loads((output / "result.json").read_text())
     assert result["edits"] == 3 and result["failed_edits"] == 0
     assert result["final"]["rel"] == 1.0 and result["unedited"]["rel"] < 1.0
     assert result["final"]["loc"] == 1.0 and result["unedited"]["loc"] == 1.0
     assert [point["edits"] for point in result["checkpoints"]] == [2, 3]
+    assert result["paper_view"]["ES"] == 1.0 and result["paper_view"]["ERR"] == result["final"]["rel"]
     assert len(result["edit_reports"]) == 3
     speed = result["speed_vs_reference"]
     assert speed["edits"] == 2 and speed["reference"]["max_steps"] == 100
     assert speed["speedup_median"] > 0 and speed["ours"]["rel"] == 1.0
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "3 sequential edits, final state (teacher_forced)" in run.stdout
+    assert "paper view: ES 1.000, ERR 1.000" in run.stdout
 
 
 def test_sweep_writes_one_row_per_setting(setup):

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 SMOLLM2 = "smollm2"
+# Chosen by measurement on SmolLM2-135M (the layer x eps_init sweep of benchmarks/lifelong.py, table in the README).
+SMOLLM2_LAYER = 27
+SMOLLM2_EPS_INIT = 8.0
 
 # MLP output projection of block N, per model family, matched against the full module names.
 MLP_OUTPUT_PATTERNS = {
@@ -61,8 +64,8 @@ def load_model(model: str, dtype: str | torch.dtype = "float32") -> tuple[nn.Mod
 def default_layer(family: str, num_layers: int) -> int:
     """The block edited when none is named: 27 for Llama-like models with at least 28 blocks (SmolLM2-135M has
     30), else the second-to-last block."""
-    if family == "llama" and num_layers >= 28:
-        return 27
+    if family == "llama" and num_layers > SMOLLM2_LAYER:
+        return SMOLLM2_LAYER
     return max(num_layers - 2, 0)
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .base_models import SMOLLM2, ModelLoadError, load_model, mlp_output_projection
+from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, ModelLoadError, load_model, mlp_output_projection
 from .config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
 from .editing import EditReport, GraceEditor
 from .evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
@@ -117,7 +117,8 @@ def _add_edit_parser(commands) -> None:
     defaults = {item.name: item.default for item in dataclasses.fields(GraceConfig)}
     edit.add_argument("--eps-init", type=_positive_float, metavar="X",
                       help="radius of a new codebook key, in the layer's input space; it scales with the layer's "
-                           f"activations (default: {defaults['eps_init']})")
+                           f"activations (default: {SMOLLM2_EPS_INIT} for {SMOLLM2} at its default layer "
+                           f"{SMOLLM2_LAYER}, as measured in the README; else {defaults['eps_init']})")
     edit.add_argument("--replacement", choices=REPLACEMENT_MODES,
                       help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
     edit.add_argument("--max-steps", type=_positive_int, metavar="N",
@@ -209,6 +210,8 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.adapter:
         peft_model = load_adapter(model, args.adapter, is_trainable=False)
     else:
+        if args.model == SMOLLM2 and not args.target_modules and args.layer in (None, SMOLLM2_LAYER):
+            options.setdefault("eps_init", SMOLLM2_EPS_INIT)
         config = GraceConfig(target_modules=resolve_targets(model, args.target_modules, args.layer), **options)
         try:
             peft_model = get_peft_model(model, config)

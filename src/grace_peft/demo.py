@@ -32,13 +32,13 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from . import smollm2
-from .base_models import SMOLLM2, load_model, mlp_output_projection
+from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
 from .config import GraceConfig
 from .editing import EditReport, GraceEditor
 from .evaluation.records import EditRecord, read_jsonl
 
-DEFAULT_LAYER = 27
-DEFAULT_EPS_INIT = 1.0
+DEFAULT_LAYER = SMOLLM2_LAYER
+DEFAULT_EPS_INIT = SMOLLM2_EPS_INIT
 DEFAULT_OUTPUT = "grace-demo-edits"
 EDITS_FILE = Path(__file__).with_name("demo_edits.jsonl")
 EXTRA_NEW_TOKENS = 2  # tokens generated beyond the target's own, to show how the sentence goes on
