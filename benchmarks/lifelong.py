@@ -17,10 +17,8 @@ import argparse
 import copy
 import itertools
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median, quantiles
@@ -29,6 +27,7 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
+from grace_peft.atomic import atomic_file
 from grace_peft.base_models import SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
 from grace_peft.evaluation import Protocol, read_edits, run_lifelong
 
@@ -109,11 +108,8 @@ def peak_rss_mib() -> float:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
+    with atomic_file(path) as file:
         file.write(text)
-    os.replace(temporary, path)
 
 
 def plot(result, path: Path, title: str) -> None:
@@ -140,11 +136,9 @@ def plot(result, path: Path, title: str) -> None:
     keys.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    figure.savefig(temporary, dpi=120)
+    with atomic_file(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=120)
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def run_single(base, tokenizer, records, args) -> dict:

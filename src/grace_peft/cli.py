@@ -16,7 +16,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from .atomic import atomic_file
 from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, ModelLoadError, load_model, mlp_output_projection
 from .config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
 from .editing import EditReport, GraceEditor
@@ -417,27 +417,10 @@ def load_adapter(model: nn.Module, folder: str, *, is_trainable: bool) -> PeftMo
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON atomically (a temporary file in the same folder, then renamed); NaN/inf become null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates it private; give it a normal file's mode
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(_finite(data), file, indent=2, allow_nan=False)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write ``data`` as JSON atomically; NaN/inf become null."""
+    with atomic_file(path) as file:
+        json.dump(_finite(data), file, indent=2, allow_nan=False)
+        file.write("\n")
 
 
 def _finite(data: Any) -> Any:
