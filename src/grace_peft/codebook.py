@@ -177,7 +177,7 @@ class Codebook(nn.Module):
                                   None, None)
         index, distance = self.nearest(query.unsqueeze(0))
         i, d = int(index), float(distance)
-        if d > self.eps_init + float(self.radii[i]):
+        if not self.reaches(i, d):
             new = self._append(query, init_value, self.eps_init, label, edit_id)
             return CodebookUpdate(CodebookOperation.ADD, new, i, d)
         if torch.equal(self.label(i), label):
@@ -191,6 +191,11 @@ class Codebook(nn.Module):
         self.radii[i] = min(float(self.radii[i]), d / 2)
         new = self._append(query, init_value, d / 2, label, edit_id)
         return CodebookUpdate(CodebookOperation.SPLIT, new, i, d)
+
+    def reaches(self, index: int, distance: float) -> bool:
+        """Whether an edit whose query lies at ``distance`` from key ``index`` interacts with that entry (EXPAND,
+        SPLIT or OVERWRITE) rather than adding a free-standing one: the two balls overlap."""
+        return distance <= self.eps_init + float(self.radii[index])
 
     @torch.no_grad()
     def set_value(self, index: int, value: torch.Tensor) -> None:

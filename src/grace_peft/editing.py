@@ -77,6 +77,16 @@ class EditReport:
 
 
 @dataclass
+class _RowPlan:
+    """What the codebook update decided for one row of a batch: its edit id, and per layer the operation and the
+    entry whose value is trained (a trainable copy of it)."""
+
+    edit_id: int
+    operations: dict[str, CodebookOperation]
+    values: dict[str, tuple[int, torch.Tensor]]
+
+
+@dataclass
 class EncodedEdit:
     """Model inputs for one edit, and the exact token ids that label it in the codebook."""
 
@@ -154,6 +164,44 @@ def target_predicted(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> 
     return ((predictions == labels) | ~labelled).all(-1) & labelled.any(-1)
 
 
+def collate(rows: list[dict[str, torch.Tensor]], task: Task, pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch one-row model inputs. Causal LMs are padded on the left (generation continues every row right after
+    its prompt) and get position ids from the attention mask, so that padding never shifts absolute positions;
+    seq2seq inputs and labels are padded on the right; classifier labels are stacked."""
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    left = task is Task.CAUSAL_LM
+    batch = {}
+    for name in rows[0]:
+        if rows[0][name].dim() == 1:  # one value per row (a class id)
+            batch[name] = torch.cat([row[name] for row in rows])
+            continue
+        sequences = [row[name][0] for row in rows]
+        width = max(len(sequence) for sequence in sequences)
+        padded = torch.full((len(rows), width), fill.get(name, 0), dtype=sequences[0].dtype)
+        for index, sequence in enumerate(sequences):
+            if left:
+                padded[index, width - len(sequence):] = sequence
+            else:
+                padded[index, :len(sequence)] = sequence
+        batch[name] = padded
+    if left and "attention_mask" in batch:
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    return batch
+
+
+def per_row_loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's own loss, as the model computes it for that row alone: the mean cross-entropy over its labelled
+    tokens (causal LMs predict token ``t`` from position ``t - 1``), or over its class for classifiers."""
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        return nn.functional.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
+    labels = labels.to(logits.device)
+    if task is Task.CAUSAL_LM:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    tokens = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                         reduction="none")
+    return tokens.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)
+
+
 class GraceEditor:
     """Applies edits to a model wrapped with a GRACE adapter (``get_peft_model(base, GraceConfig(...))``).
 
@@ -197,14 +245,29 @@ class GraceEditor:
         encoded = encode_edit(self.tokenizer, self.task, prompt, target)
         return self.apply(encoded, prompt=prompt, target=target)
 
-    def edit_many(self, edits: Iterable[EditLike], *, progress: bool | None = None) -> list[EditReport]:
-        """Apply a stream of edits in order (each sees the codebook left by the ones before it)."""
+    def edit_many(self, edits: Iterable[EditLike], *, batch_size: int = 1,
+                  progress: bool | None = None) -> list[EditReport]:
+        """Apply a stream of edits in order (each sees the codebook left by the ones before it).
+
+        ``batch_size=k`` trains up to k edits at once: one probe pass for the batch, the codebook updated row by
+        row in order, then every row's value trained by its own Adam on its own loss (so a row's value follows the
+        same steps as when edited alone) until that row is predicted. A row whose query reaches a key created or
+        changed earlier in the same batch would see a different codebook than one-at-a-time editing gives it; the
+        batch stops before that row, which starts the next batch. The codebook then has the same entries, labels,
+        radii and edit ids as one-at-a-time editing; keys and values agree up to float rounding of padded batches.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         edits = [as_edit(item) for item in edits]
         show = self.progress if progress is None else progress
-        reports = []
-        with tqdm(edits, desc="GRACE edits", unit="edit", disable=not show) as bar:
-            for item in bar:
-                reports.append(self.edit(item.prompt, item.target))
+        reports: list[EditReport] = []
+        with tqdm(total=len(edits), desc="GRACE edits", unit="edit", disable=not show) as bar:
+            while len(reports) < len(edits):
+                chunk = edits[len(reports):len(reports) + batch_size]
+                encoded = [encode_edit(self.tokenizer, self.task, item.prompt, item.target) for item in chunk]
+                done = self._apply_rows(encoded, chunk)
+                reports.extend(done)
+                bar.update(len(done))
                 bar.set_postfix(keys=self.num_keys(), ok=sum(r.success for r in reports))
         return reports
 
@@ -214,33 +277,80 @@ class GraceEditor:
 
     def apply(self, encoded: EncodedEdit, *, prompt: str = "", target: str | int = "") -> EditReport:
         """Apply one already-tokenized edit."""
-        started = time.perf_counter()
-        inputs = {name: tensor.to(self._input_device()) for name, tensor in encoded.inputs.items()}
-        labels = inputs["labels"]
-        with _eval_mode(self.model), _codebooks_restored_on_error(self._codebooks()):
-            with replay_frozen_blocks(self.frozen_blocks):
-                probes, logits = self._probe(inputs)
-                if self.config.skip_if_correct and bool(target_predicted(self.task, logits, labels).all()):
-                    return EditReport(prompt, target, None, skipped=True, success=True,
-                                      seconds=time.perf_counter() - started)
-                edit_id = max(int(codebook.next_edit_id) for codebook in self._codebooks())
-                operations, trained = {}, {}
-                for name, layer in self.layers.items():
-                    query, current = probes[name]
-                    codebook = layer.grace_codebook[self.adapter_name]
-                    update = codebook.update(query[0], encoded.label_ids, edit_id=edit_id,
-                                             init_value=self._initial_value(current[0], edit_id, name))
-                    operations[name] = update.operation
-                    trained[name] = (update.index,
-                                     codebook.values[update.index].detach().clone().requires_grad_(True))
-                steps = self._train(inputs, {name: value for name, (_, value) in trained.items()})
-            for name, (index, value) in trained.items():
-                self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
-            loss, success = self._verify(inputs)  # a full pass, no replay: the edit as inference will see it
-        return EditReport(prompt, target, edit_id, skipped=False, operations=operations, steps=steps, loss=loss,
-                          success=success, seconds=time.perf_counter() - started)
+        return self._apply_rows([encoded], [Edit(prompt, target)])[0]
 
     # ------------------------------------------------------------------------------------------ steps
+    def _apply_rows(self, encoded: list[EncodedEdit], edits: list[Edit]) -> list[EditReport]:
+        """Edit a batch of rows; returns the reports of the leading rows applied (at least one)."""
+        started = time.perf_counter()
+        inputs = self._batch([item.inputs for item in encoded])
+        with _eval_mode(self.model), _codebooks_restored_on_error(self._codebooks()):
+            probes, logits = self._probe(inputs)
+            predicted = target_predicted(self.task, logits, inputs["labels"]).tolist()
+            plans = self._update_codebooks(encoded, probes, predicted)
+            trained = [row for row, plan in enumerate(plans) if plan is not None]
+            steps = [0] * len(plans)
+            if trained:
+                batch = self._batch([encoded[row].inputs for row in trained])
+                values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
+                with replay_frozen_blocks(self.frozen_blocks):
+                    for row, count in zip(trained, self._train(batch, values), strict=True):
+                        steps[row] = count
+                for row in trained:
+                    for name, (index, value) in plans[row].values.items():
+                        self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
+                losses, successes = self._verify(batch)  # full passes, no replay: the edits as inference sees them
+            seconds = (time.perf_counter() - started) / len(plans)
+        reports = []
+        for row, (plan, edit) in enumerate(zip(plans, edits, strict=False)):
+            if plan is None:
+                reports.append(EditReport(edit.prompt, edit.target, None, skipped=True, success=True, seconds=seconds))
+                continue
+            position = trained.index(row)
+            reports.append(EditReport(edit.prompt, edit.target, plan.edit_id, skipped=False,
+                                      operations=plan.operations, steps=steps[row], loss=losses[position],
+                                      success=successes[position], seconds=seconds))
+        return reports
+
+    def _update_codebooks(self, encoded: list[EncodedEdit], probes, predicted: list[bool]) -> list[_RowPlan | None]:
+        """Update the codebooks row by row, in order; per row, its plan, or None when skipped (already correct).
+
+        Stops before the first row whose query reaches an entry that an earlier row of this batch created or
+        changed (that row goes to the next batch)."""
+        plans: list[_RowPlan | None] = []
+        touched: dict[str, set[int]] = {name: set() for name in self.layers}
+        for row, item in enumerate(encoded):
+            if row > 0 and self._reaches_touched(probes, row, touched):
+                break
+            if self.config.skip_if_correct and predicted[row]:
+                plans.append(None)
+                continue
+            edit_id = max(int(codebook.next_edit_id) for codebook in self._codebooks())
+            plan = _RowPlan(edit_id, {}, {})
+            for name, layer in self.layers.items():
+                query, current = probes[name]
+                codebook = layer.grace_codebook[self.adapter_name]
+                update = codebook.update(query[row], item.label_ids, edit_id=edit_id,
+                                         init_value=self._initial_value(current[row], edit_id, name))
+                touched[name].add(update.index)
+                if update.operation is CodebookOperation.SPLIT:
+                    touched[name].add(update.nearest)
+                plan.operations[name] = update.operation
+                plan.values[name] = (update.index,
+                                     codebook.values[update.index].detach().clone().requires_grad_(True))
+            plans.append(plan)
+        return plans
+
+    def _reaches_touched(self, probes, row: int, touched: dict[str, set[int]]) -> bool:
+        for name, layer in self.layers.items():
+            codebook = layer.grace_codebook[self.adapter_name]
+            if not touched[name] or len(codebook) == 0:
+                continue
+            index, distance = codebook.nearest(probes[name][0][row])
+            if int(index) in touched[name] and codebook.reaches(int(index), float(distance)):
+                return True
+        return False
+
     @torch.no_grad()
     def _probe(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
                                                                 torch.Tensor]:
@@ -261,42 +371,59 @@ class GraceEditor:
                                  "is numerically broken before the edited layer (check its dtype and weights).")
         return probes, logits
 
-    def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> int:
+    def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]]) -> list[int]:
+        """Train each row's values (one Adam per row, on that row's own loss) until the row is done or
+        ``max_steps``; returns the steps each row took."""
         config = self.config
-        optimizer = torch.optim.Adam(list(values.values()), lr=config.learning_rate)
-        steps = 0
+        rows = len(inputs["labels"])
+        optimizers = [torch.optim.Adam([values[name][row] for name in values], lr=config.learning_rate)
+                      for row in range(rows)]
+        steps = [0] * rows
+        active = [True] * rows
         try:
             with torch.enable_grad():
                 for _ in range(config.max_steps):
-                    for name, value in values.items():
-                        self.layers[name].trained_values[self.adapter_name] = value.unsqueeze(0)
-                    output = self.model(**inputs)
-                    if not torch.isfinite(output.loss):
-                        raise FloatingPointError(f"The edit's loss became {output.loss.item()} after {steps} steps; "
+                    for name, row_values in values.items():
+                        self.layers[name].trained_values[self.adapter_name] = torch.stack(row_values)
+                    logits = self.model(**inputs).logits  # labels locate each row's query
+                    losses = per_row_loss(self.task, logits, inputs["labels"])
+                    if not torch.isfinite(losses).all():
+                        raise FloatingPointError(f"An edit's loss became {losses.tolist()} after {max(steps)} steps; "
                                                  "lower GraceConfig.learning_rate.")
-                    if self._done(output.logits, output.loss, inputs["labels"]):
+                    finished = self._done(logits, losses, inputs["labels"])
+                    active = [still and not done for still, done in zip(active, finished, strict=True)]
+                    if not any(active):
                         break
-                    optimizer.zero_grad(set_to_none=True)
-                    output.loss.backward()
-                    optimizer.step()
-                    steps += 1
+                    for optimizer in optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    losses.sum().backward()  # each value only gets its own row's gradient
+                    for row, optimizer in enumerate(optimizers):
+                        if active[row]:
+                            optimizer.step()
+                            steps[row] += 1
         finally:
             for layer in self.layers.values():
                 layer.trained_values.pop(self.adapter_name, None)
         return steps
 
-    def _done(self, logits: torch.Tensor, loss: torch.Tensor, labels: torch.Tensor) -> bool:
+    def _done(self, logits: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> list[bool]:
         rule = self.config.early_stop
         if rule == "predicted":
-            return bool(target_predicted(self.task, logits, labels).all())
+            return target_predicted(self.task, logits, labels).tolist()
         if rule == "loss":
-            return float(loss.detach()) < self.config.stop_loss
-        return False
+            return (losses.detach() < self.config.stop_loss).tolist()
+        return [False] * len(losses)
 
     @torch.no_grad()
-    def _verify(self, inputs: dict[str, torch.Tensor]) -> tuple[float, bool]:
-        output = self.model(**inputs)
-        return float(output.loss), bool(target_predicted(self.task, output.logits, inputs["labels"]).all())
+    def _verify(self, inputs: dict[str, torch.Tensor]) -> tuple[list[float], list[bool]]:
+        logits = self.model(**inputs).logits
+        losses = per_row_loss(self.task, logits, inputs["labels"])
+        return losses.tolist(), target_predicted(self.task, logits, inputs["labels"]).tolist()
+
+    def _batch(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch = collate(rows, self.task, 0 if pad is None else pad)
+        return {name: tensor.to(self._input_device()) for name, tensor in batch.items()}
 
     def _initial_value(self, current_output: torch.Tensor, edit_id: int, layer_name: str) -> torch.Tensor:
         if self.config.value_init == "warm":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..editing import EncodedEdit, Task, detect_task, encode_edit
+from ..editing import EncodedEdit, Task, collate, detect_task, encode_edit
 from ..query import IGNORE_INDEX
 from .metrics import gold_tokens, match_fraction, predicted_tokens
 
@@ -61,8 +61,6 @@ class Scorer:
         predicted, gold = [], []
         for chunk in self._chunks(self._encode(prompts, targets), desc):
             inputs = self._collate([edit.inputs for edit in chunk])
-            if self.task is Task.CAUSAL_LM:  # left padding must not shift absolute positions (GPT-2)
-                inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
             logits = self.model(**inputs).logits
             predicted.extend(row.tolist() for row in predicted_tokens(logits, inputs["labels"], shift=self._shift))
             gold.extend(row.tolist() for row in gold_tokens(inputs["labels"]))
@@ -97,22 +95,7 @@ class Scorer:
             yield encoded[start:start + self.batch_size]
 
     def _collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Pad one-row inputs into a batch: on the left for causal LMs (so that generation continues every row
-        right after its prompt), on the right for seq2seq models."""
-        fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-        left = self.task is Task.CAUSAL_LM
-        batch = {}
-        for name in rows[0]:
-            sequences = [row[name][0] for row in rows]
-            width = max(len(sequence) for sequence in sequences)
-            padded = torch.full((len(rows), width), fill.get(name, 0), dtype=sequences[0].dtype)
-            for index, sequence in enumerate(sequences):
-                if left:
-                    padded[index, width - len(sequence):] = sequence
-                else:
-                    padded[index, :len(sequence)] = sequence
-            batch[name] = padded.to(self._device)
-        return batch
+        return {name: tensor.to(self._device) for name, tensor in collate(rows, self.task, self.pad_id).items()}
 
     def _generate(self, encoded: list[EncodedEdit], max_new_tokens: int) -> list[list[int]]:
         if self.task is Task.CAUSAL_LM:
@@ -122,6 +105,7 @@ class Scorer:
             prompts = [{name: tensor for name, tensor in edit.inputs.items() if name != "labels"}
                        for edit in encoded]
         inputs = self._collate(prompts)
+        inputs.pop("position_ids", None)  # generate() derives them from the attention mask, step by step
         output = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                      pad_token_id=self.pad_id)
         # causal LMs return prompt + new tokens; seq2seq returns the decoder start token + new tokens

@@ -1,0 +1,129 @@
+"""edit_many(batch_size=k): several edits trained at once give the codebook one-at-a-time editing gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NEAR_PROMPTS, TINY_MODELS
+from peft import get_peft_model
+
+from grace_peft import GraceConfig, GraceEditor
+from grace_peft.codebook import CodebookOperation
+
+FAR_EDITS = [
+    ("the capital of australia is", "canberra"),
+    ("who leads apple", "satya"),
+    ("my favourite colour is", "green"),
+    ("tim cook lives in", "london"),
+]
+# the second prompt is near the first (a SPLIT): it must not be trained in the same batch as the first
+MIXED_EDITS = [(NEAR_PROMPTS[0], "canberra"), ("who leads apple", "satya"), (NEAR_PROMPTS[1], "paris"),
+               ("my favourite colour is", "green")]
+
+
+def editor_for(kind: str, **config) -> GraceEditor:
+    tiny = TINY_MODELS[kind]()
+    options = {"target_modules": [tiny.target], "eps_init": tiny.eps_init, "replacement": tiny.replacement, **config}
+    return GraceEditor(get_peft_model(tiny.fresh(), GraceConfig(**options)), tiny.tokenizer, progress=False)
+
+
+def codebook_of(editor: GraceEditor):
+    (layer,) = editor.layers.values()
+    return layer.grace_codebook[editor.adapter_name]
+
+
+def assert_same_codebook(batched, single):
+    a, b = codebook_of(batched), codebook_of(single)
+    for name in ("label_tokens", "label_lengths", "edit_ids", "next_edit_id"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # padding changes float rounding, nothing else
+    torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.radii, b.radii, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.values.detach(), b.values.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("edits", [FAR_EDITS, MIXED_EDITS], ids=["far", "mixed"])
+def test_batched_editing_gives_the_one_at_a_time_codebook(kind, edits):
+    single, batched = editor_for(kind), editor_for(kind)
+    one_by_one = single.edit_many(edits)
+    together = batched.edit_many(edits, batch_size=4)
+    assert [r.operation for r in together] == [r.operation for r in one_by_one]
+    assert [r.edit_id for r in together] == [r.edit_id for r in one_by_one] == [0, 1, 2, 3]
+    assert all(r.success for r in together)
+    # each row has its own optimizer and stops when its own target is predicted
+    assert [r.steps for r in together] == [r.steps for r in one_by_one]
+    assert_same_codebook(batched, single)
+
+
+def test_a_row_that_reaches_an_entry_of_its_own_batch_starts_the_next_batch(monkeypatch):
+    editor = editor_for("gpt2")
+    batches = []
+    original = editor._apply_rows
+
+    def recording(encoded, edits):
+        reports = original(encoded, edits)
+        batches.append([report.prompt for report in reports])
+        return reports
+
+    monkeypatch.setattr(editor, "_apply_rows", recording)
+    reports = editor.edit_many(MIXED_EDITS, batch_size=4)
+    assert batches == [[MIXED_EDITS[0][0], MIXED_EDITS[1][0]], [MIXED_EDITS[2][0], MIXED_EDITS[3][0]]]
+    assert [r.operation for r in reports] == [CodebookOperation.ADD, CodebookOperation.ADD, CodebookOperation.SPLIT,
+                                              CodebookOperation.ADD]
+
+
+def test_far_edits_train_in_one_batch(monkeypatch):
+    editor = editor_for("gpt2")  # on tiny GPT-2 these prompts lie further apart than eps_init + radius
+    sizes = []
+    original = editor._train
+
+    def recording(inputs, values):
+        sizes.append(len(inputs["labels"]))
+        return original(inputs, values)
+
+    monkeypatch.setattr(editor, "_train", recording)
+    editor.edit_many(FAR_EDITS, batch_size=3)
+    assert sizes == [3, 1]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bert"])
+def test_batched_editing_of_seq2seq_and_classifiers(kind):
+    tiny = TINY_MODELS[kind]()
+    targets = [2, 0] if kind == "bert" else ["canberra", "satya"]
+    edits = list(zip(["the capital of australia is", "who leads apple"], targets, strict=True))
+    single, batched = editor_for(kind), editor_for(kind)
+    one_by_one, together = single.edit_many(edits), batched.edit_many(edits, batch_size=2)
+    assert tiny.kind == kind
+    assert all(r.success for r in together)
+    assert [r.operation for r in together] == [r.operation for r in one_by_one]
+    assert_same_codebook(batched, single)
+
+
+def test_skip_if_correct_skips_rows_inside_a_batch():
+    editor = editor_for("gpt2", skip_if_correct=True)
+    editor.edit("who leads apple", "satya")
+    reports = editor.edit_many([("my favourite colour is", "green"), ("who leads apple", "satya")], batch_size=2)
+    assert [r.skipped for r in reports] == [False, True]
+    assert editor.num_keys() == 2
+
+
+def test_an_error_in_a_batch_leaves_every_codebook_as_it_was(monkeypatch):
+    editor = editor_for("gpt2")
+    editor.edit("tim cook lives in", "london")
+    before = {name: tensor.clone() for name, tensor in codebook_of(editor).state_dict().items()}
+
+    def failing(inputs, values):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(editor, "_train", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        editor.edit_many(FAR_EDITS[:3], batch_size=3)
+    after = codebook_of(editor).state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        editor_for("gpt2").edit_many(FAR_EDITS, batch_size=0)
