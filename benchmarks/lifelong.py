@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep-replacements", help="comma-separated replacement modes for the sweep "
                         "(default: --replacement)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
+    parser.add_argument("--edit-batch-size", type=int, default=1,
+                        help="edits trained at once (GraceEditor.edit_many batch_size; default 1)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -72,14 +74,17 @@ def target_name(model, args: argparse.Namespace, layer: int) -> str:
 
 
 def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: float, procedure: dict | None = None,
-                   reuse_frozen_layers: bool = True, checkpoint_every: int | None = None, immediate: bool = False):
+                   reuse_frozen_layers: bool = True, checkpoint_every: int | None = None, immediate: bool = False,
+                   edit_batch_size: int | None = None):
     """One lifelong run on a fresh copy of the base model."""
     options = {"replacement": args.replacement, "max_steps": args.max_steps, **(procedure or {})}
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
     editor = GraceEditor(model, tokenizer, progress=False, reuse_frozen_layers=reuse_frozen_layers)
     return run_lifelong(editor, records, protocol=args.protocol, batch_size=args.batch_size,
-                        checkpoint_every=checkpoint_every, immediate=immediate, progress=not args.no_progress)
+                        checkpoint_every=checkpoint_every, immediate=immediate,
+                        edit_batch_size=edit_batch_size or args.edit_batch_size,
+                        progress=not args.no_progress)
 
 
 def timing(result) -> dict[str, float]:
@@ -161,7 +166,7 @@ def compare_with_reference(base, tokenizer, records, args) -> dict:
     """The same edits, same process: ours (early stop + frozen-layer replay) vs. 100 fixed Adam steps."""
     ours = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init)
     reference = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
-                               procedure=REFERENCE, reuse_frozen_layers=False)
+                               procedure=REFERENCE, reuse_frozen_layers=False, edit_batch_size=1)
     ours_time, reference_time = timing(ours), timing(reference)
     return {
         "edits": len(records),
@@ -220,7 +225,8 @@ def fmt(value: float | None) -> str:
 def settings(args, records) -> dict:
     return {"model": args.model, "data": args.data, "edits": len(records), "layer": args.layer,
             "target_module": args.target_module, "eps_init": args.eps_init, "replacement": args.replacement,
-            "max_steps": args.max_steps, "protocol": args.protocol, "torch_threads": torch.get_num_threads()}
+            "max_steps": args.max_steps, "protocol": args.protocol, "edit_batch_size": args.edit_batch_size,
+            "torch_threads": torch.get_num_threads()}
 
 
 def print_report(report: dict) -> None:

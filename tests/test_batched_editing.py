@@ -9,6 +9,7 @@ from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
 from grace_peft.codebook import CodebookOperation
+from grace_peft.evaluation import EditRecord, run_lifelong
 
 FAR_EDITS = [
     ("the capital of australia is", "canberra"),
@@ -127,3 +128,14 @@ def test_an_error_in_a_batch_leaves_every_codebook_as_it_was(monkeypatch):
 def test_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         editor_for("gpt2").edit_many(FAR_EDITS, batch_size=0)
+
+
+def test_lifelong_runs_with_edit_batches_score_like_one_at_a_time():
+    records = [EditRecord(prompt, target) for prompt, target in FAR_EDITS]
+    one = run_lifelong(editor_for("gpt2"), records, checkpoint_every=3, immediate=True, progress=False)
+    two = run_lifelong(editor_for("gpt2"), records, checkpoint_every=3, immediate=True, edit_batch_size=2,
+                       progress=False)
+    assert one.final.rel == two.final.rel == 1.0 and two.final.count == 4
+    assert [point["edits"] for point in one.checkpoints] == [3, 4]
+    assert [point["edits"] for point in two.checkpoints] == [4]  # batches end at 2 and 4; 4 crosses 3
+    assert two.immediate.count == 4 and two.immediate.per_record["rel"] == one.immediate.per_record["rel"]

@@ -288,15 +288,14 @@ def lifelong_run() -> tuple[LifelongResult, list[int]]:
     model = wrap(tm)
     editor = GraceEditor(model, tm.tokenizer, progress=False)
     keys_after: list[int] = []
-    edit = editor.edit
+    edit_many = editor.edit_many
 
-    def spying_edit(prompt, target):
-        report = edit(prompt, target)
+    def spying_edit_many(edits, **options):  # one edit per call (edit_batch_size=1)
+        reports = edit_many(edits, **options)
         keys_after.append(editor.num_keys())
-        return report
+        return reports
 
-    editor.edit = spying_edit
-    # batch_size=1 keeps these checks independent of the left-padding bug (test_run_lifelong_default_batch_size)
+    editor.edit_many = spying_edit_many
     result = run_lifelong(editor, LIFELONG, batch_size=1, immediate=True, checkpoint_every=2, progress=False)
     return result, keys_after
 

@@ -148,11 +148,14 @@ class LifelongResult:
 
 def run_lifelong(editor: GraceEditor, records: Sequence[EditRecord], *,
                  protocol: Protocol | str = Protocol.TEACHER_FORCED, batch_size: int = 16, immediate: bool = False,
-                 checkpoint_every: int | None = None, progress: bool = True) -> LifelongResult:
+                 checkpoint_every: int | None = None, edit_batch_size: int = 1,
+                 progress: bool = True) -> LifelongResult:
     """Apply ``records`` as sequential edits, then score all of them on the final model ("final" timing).
 
-    ``immediate`` also scores each edit right after it is applied; ``checkpoint_every=k`` scores the edits made so
-    far after every k edits (curves). Loc is always measured against the model as it was before the first edit."""
+    ``immediate`` also scores each edit right after it is applied (right after its batch with
+    ``edit_batch_size > 1``, see :meth:`GraceEditor.edit_many`); ``checkpoint_every=k`` scores the edits made so far
+    whenever another k edits are applied (curves). Loc is always measured against the model as it was before the
+    first edit. ``batch_size`` is the evaluation batch size."""
     if not records:
         raise ValueError("No edits to apply.")
     if checkpoint_every is not None and checkpoint_every < 1:
@@ -164,15 +167,20 @@ def run_lifelong(editor: GraceEditor, records: Sequence[EditRecord], *,
     immediate_scores: list[Scores] = []
     checkpoints: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with tqdm(records, desc="GRACE edits", unit="edit", disable=not progress) as bar:
-        for count, record in enumerate(bar, start=1):
-            reports.append(editor.edit(record.prompt, record.target))
+    with tqdm(total=len(records), desc="GRACE edits", unit="edit", disable=not progress) as bar:
+        while len(reports) < len(records):
+            first = len(reports)
+            chunk = records[first:first + edit_batch_size]
+            reports.extend(editor.edit_many([(r.prompt, r.target) for r in chunk], batch_size=edit_batch_size,
+                                            progress=False))
+            count = len(reports)
             if immediate:
-                immediate_scores.append(evaluator.score([record], _subset(reference, [count - 1])))
-            if checkpoint_every and (count % checkpoint_every == 0 or count == len(records)):
+                immediate_scores.append(evaluator.score(chunk, _subset(reference, range(first, count))))
+            if checkpoint_every and (count // checkpoint_every > first // checkpoint_every or count == len(records)):
                 scores = evaluator.score(records[:count], _subset(reference, range(count)))
                 checkpoints.append({"edits": count, "keys": editor.num_keys(),
                                     "seconds": time.perf_counter() - started, **scores.summary()})
+            bar.update(count - first)
             bar.set_postfix(keys=editor.num_keys(), took=sum(report.success for report in reports))
     final = evaluator.score(records, reference)
     return LifelongResult(evaluator.protocol.value, unedited, final, _merge(immediate_scores) if immediate else None,
@@ -199,8 +207,8 @@ def _subset(reference: LocalityReference, indices) -> LocalityReference:
 
 def _merge(scores: list[Scores]) -> Scores:
     per_record = {key: [value for item in scores for value in item.per_record[key]] for key in scores[0].per_record}
-    return Scores(scores[0].protocol, len(scores), fmean(per_record["rel"]), _mean(per_record["gen"]),
-                  _mean(per_record["loc"]), _mean(per_record["upstream"]), per_record)
+    return Scores(scores[0].protocol, sum(item.count for item in scores), fmean(per_record["rel"]),
+                  _mean(per_record["gen"]), _mean(per_record["loc"]), _mean(per_record["upstream"]), per_record)
 
 
 def _mean(values: list[float | None]) -> float | None:
