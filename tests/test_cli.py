@@ -372,3 +372,20 @@ def test_installed_script_shows_help_with_the_commands(installed_help):
     assert out.startswith("usage: grace-peft")
     for command in ("edit", "eval", "inspect"):
         assert f"    {command} " in out
+
+
+def test_chat_without_a_template_is_a_clear_error(gpt2, tmp_path, capsys):
+    code = cli.main(["edit", gpt2.model, gpt2.edits, "-o", str(tmp_path / "a"), *tiny_options(gpt2.tiny),
+                     "--chat", "--no-progress"])
+    assert code == 2
+    assert "has no chat template" in capsys.readouterr().err
+
+
+def test_batched_edit_gives_the_same_adapter_as_one_at_a_time(gpt2, tmp_path):
+    for name, size in (("one", "1"), ("batched", "3")):
+        assert cli.main(["edit", gpt2.model, gpt2.edits, "-o", str(tmp_path / name), *tiny_options(gpt2.tiny),
+                         "--batch-size", size, "--no-progress"]) == 0
+    one, batched = (cli.summarize_adapter(tmp_path / name) for name in ("one", "batched"))
+    assert one["num_keys"] == batched["num_keys"] > 0
+    assert [m["distinct_edit_ids"] for m in one["modules"].values()] == \
+        [m["distinct_edit_ids"] for m in batched["modules"].values()]

@@ -133,6 +133,9 @@ def _add_edit_parser(commands) -> None:
                       help="continue editing this saved GRACE adapter instead of creating a new one; its "
                            "configuration is kept, so the target and configuration options above are refused")
     edit.add_argument("--report", metavar="FILE.json", help="also write the per-edit reports as JSON")
+    _add_chat(edit)
+    edit.add_argument("--batch-size", type=_positive_int, default=1, metavar="K",
+                      help="edits trained at once (default: 1); edits that reach each other's keys still go one by one")
     _add_no_progress(edit)
     edit.add_argument("--dtype", choices=DTYPES, default="float32",
                       help="dtype to load the model in (default: float32)")
@@ -157,6 +160,7 @@ def _add_eval_parser(commands) -> None:
                           help="prompts per forward pass (default: 16)")
     evaluate.add_argument("--output", "-o", metavar="FILE.json",
                           help="also write the scores (with per-record values) as JSON")
+    _add_chat(evaluate)
     _add_no_progress(evaluate)
     evaluate.set_defaults(run=run_eval)
 
@@ -191,6 +195,12 @@ def _add_format_options(parser: argparse.ArgumentParser) -> None:
                         help="use only the first N records (default: all)")
 
 
+def _add_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat", action="store_true",
+                        help="render each prompt as a user turn of the tokenizer's chat template (chat/instruct "
+                             "models); use the same setting for edit and eval")
+
+
 def _add_no_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
 
@@ -217,9 +227,10 @@ def run_edit(args: argparse.Namespace) -> int:
             peft_model = get_peft_model(model, config)
         except (ValueError, TypeError, NotImplementedError) as error:  # a module GRACE cannot wrap
             raise CliError(str(error)) from None
-    editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress)
+    check_chat(args.chat, tokenizer, args.model)
+    editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress, chat=args.chat)
     started = time.perf_counter()
-    reports = editor.edit_many([(record.prompt, record.target) for record in records])
+    reports = editor.edit_many([(record.prompt, record.target) for record in records], batch_size=args.batch_size)
     seconds = time.perf_counter() - started
     peft_model.save_pretrained(args.output)
 
@@ -274,7 +285,9 @@ def run_eval(args: argparse.Namespace) -> int:
     records = load_records(args.edits, args.format, args.limit)
     read_adapter_config(args.adapter)
     model, tokenizer = load_model(args.model)
-    options = {"protocol": args.protocol, "batch_size": args.batch_size, "progress": not args.no_progress}
+    check_chat(args.chat, tokenizer, args.model)
+    options = {"protocol": args.protocol, "batch_size": args.batch_size, "progress": not args.no_progress,
+               "chat": args.chat}
     # The unedited scores and the locality reference come from the base before the adapter is injected.
     unedited_evaluator = Evaluator(model, tokenizer, **options)
     reference = unedited_evaluator.locality_reference(records)
@@ -376,6 +389,12 @@ def codebook_statistics(module: str, tensors: dict[str, torch.Tensor]) -> dict[s
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
+def check_chat(chat: bool, tokenizer, model: str) -> None:
+    """--chat needs a tokenizer with a chat template."""
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise CliError(f"--chat: the tokenizer of {model} has no chat template; drop --chat")
+
+
 def load_records(path: str, format: str, limit: int | None) -> list[EditRecord]:
     """The records of an edits file; reader warnings (skipped records) become ``grace-peft: warning:`` lines."""
     try:

@@ -109,12 +109,15 @@ def detect_task(model: nn.Module) -> Task:
                      "'sequence_classification' to GraceEditor.")
 
 
-def encode_edit(tokenizer, task: Task, prompt: str, target: str | int) -> EncodedEdit:
+def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: bool = False) -> EncodedEdit:
     """Tokenize one edit. Causal LMs: ``prompt + " " + target`` with only the target tokens labelled (the leading
-    space is part of the target, as the model would generate it); seq2seq: the target as decoder labels;
-    classifiers: the class id."""
+    space is part of the target, as the model would generate it); with ``chat``, the prompt is first rendered as a
+    user turn of the tokenizer's chat template (:func:`chat_prompt`) and the target is the assistant's answer.
+    Seq2seq: the target as decoder labels; classifiers: the class id."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"An edit needs a non-empty prompt, got {prompt!r}.")
+    if chat and task is not Task.CAUSAL_LM:
+        raise ValueError(f"Chat templates apply to causal LMs, not to a {task.value} model.")
     if task is Task.SEQUENCE_CLASSIFICATION:
         if isinstance(target, bool) or not isinstance(target, int):
             raise ValueError(f"A classifier edit's target is a class id (int), got {target!r}.")
@@ -127,7 +130,11 @@ def encode_edit(tokenizer, task: Task, prompt: str, target: str | int) -> Encode
         inputs = tokenizer(prompt, return_tensors="pt")
         labels = tokenizer(text_target=target, return_tensors="pt")["input_ids"]
         return EncodedEdit({**inputs, "labels": labels}, labels[0])
-    prompt_ids, target_ids = causal_lm_token_ids(tokenizer, prompt, target)
+    if chat:
+        prompt_ids, target_ids = causal_lm_token_ids(tokenizer, chat_prompt(tokenizer, prompt), target.strip(),
+                                                     add_special_tokens=False)
+    else:
+        prompt_ids, target_ids = causal_lm_token_ids(tokenizer, prompt, target)
     input_ids = torch.tensor([prompt_ids + target_ids])
     labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + target_ids])
     return EncodedEdit(
@@ -136,13 +143,25 @@ def encode_edit(tokenizer, task: Task, prompt: str, target: str | int) -> Encode
     )
 
 
-def causal_lm_token_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """Prompt token ids and the target's continuation token ids, as the model sees ``prompt + " " + target``."""
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """``prompt`` as a user turn of the tokenizer's chat template, followed by the opening of the assistant's turn
+    (the text the model continues with its answer; the last token of it is the GRACE query)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template; edit with chat=False, or set "
+                         "tokenizer.chat_template.")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def causal_lm_token_ids(tokenizer, prompt: str, target: str, *,
+                        add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+    """Prompt token ids and the target's continuation token ids, as the model sees ``prompt + " " + target`` (no
+    space after a prompt that ends in whitespace, such as a chat template's assistant header)."""
     separator = "" if target[:1].isspace() or prompt[-1:].isspace() else " "
     eos = tokenizer.eos_token_id
 
     def ids(text: str) -> list[int]:
-        tokens = tokenizer(text)["input_ids"]
+        tokens = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         return tokens[:-1] if tokens and eos is not None and tokens[-1] == eos else tokens
 
     prompt_ids, full_ids = ids(prompt), ids(prompt + separator + target)
@@ -213,15 +232,19 @@ class GraceEditor:
         progress: show a progress bar in :meth:`edit_many`.
         reuse_frozen_layers: compute the blocks below the edited layer once per edit and replay their output in
             every training step (bit-identical activations, much faster when the edited layer is high up).
+        chat: render each prompt with the tokenizer's chat template as a user turn; the target is the assistant's
+            answer (for chat/instruct models: edit what they answer in a conversation).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, adapter_name: str | None = None,
-                 task: Task | str | None = None, progress: bool = True, reuse_frozen_layers: bool = True) -> None:
+                 task: Task | str | None = None, progress: bool = True, reuse_frozen_layers: bool = True,
+                 chat: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.adapter_name = adapter_name or _single_active_adapter(model)
         self.task = Task(task) if task is not None else detect_task(model)
         self.progress = progress
+        self.chat = chat
         self.layers = {
             name.removeprefix("base_model.model."): module
             for name, module in model.named_modules()
@@ -242,7 +265,7 @@ class GraceEditor:
     # ------------------------------------------------------------------------------------------ public API
     def edit(self, prompt: str, target: str | int) -> EditReport:
         """Apply one edit and report what happened."""
-        encoded = encode_edit(self.tokenizer, self.task, prompt, target)
+        encoded = encode_edit(self.tokenizer, self.task, prompt, target, chat=self.chat)
         return self.apply(encoded, prompt=prompt, target=target)
 
     def edit_many(self, edits: Iterable[EditLike], *, batch_size: int = 1,
@@ -264,7 +287,8 @@ class GraceEditor:
         with tqdm(total=len(edits), desc="GRACE edits", unit="edit", disable=not show) as bar:
             while len(reports) < len(edits):
                 chunk = edits[len(reports):len(reports) + batch_size]
-                encoded = [encode_edit(self.tokenizer, self.task, item.prompt, item.target) for item in chunk]
+                encoded = [encode_edit(self.tokenizer, self.task, item.prompt, item.target, chat=self.chat)
+                           for item in chunk]
                 done = self._apply_rows(encoded, chunk)
                 reports.extend(done)
                 bar.update(len(done))

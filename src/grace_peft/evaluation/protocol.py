@@ -63,9 +63,9 @@ class Evaluator:
     """Scores records under one protocol. Compute :meth:`locality_reference` before the first edit."""
 
     def __init__(self, model, tokenizer, *, protocol: Protocol | str = Protocol.TEACHER_FORCED, batch_size: int = 16,
-                 progress: bool = False) -> None:
+                 progress: bool = False, chat: bool = False) -> None:
         self.protocol = Protocol(protocol)
-        self.scorer = Scorer(model, tokenizer, batch_size=batch_size, progress=progress)
+        self.scorer = Scorer(model, tokenizer, batch_size=batch_size, progress=progress, chat=chat)
 
     def locality_reference(self, records: Sequence[EditRecord]) -> LocalityReference:
         """The current (unedited) model's predictions on every record's locality prompt and answer."""
@@ -160,7 +160,8 @@ def run_lifelong(editor: GraceEditor, records: Sequence[EditRecord], *,
         raise ValueError("No edits to apply.")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
-    evaluator = Evaluator(editor.model, editor.tokenizer, protocol=protocol, batch_size=batch_size, progress=progress)
+    evaluator = Evaluator(editor.model, editor.tokenizer, protocol=protocol, batch_size=batch_size, progress=progress,
+                          chat=editor.chat)
     reference = evaluator.locality_reference(records)
     unedited = evaluator.score(records, reference)
     reports: list[EditReport] = []

@@ -41,8 +41,9 @@ class Scorer:
     """Runs a causal or seq2seq LM over (prompt, target) pairs, ``batch_size`` pairs per forward pass."""
 
     def __init__(self, model: nn.Module, tokenizer, *, task: Task | str | None = None, batch_size: int = 16,
-                 progress: bool = False) -> None:
+                 progress: bool = False, chat: bool = False) -> None:
         self.model = model
+        self.chat = chat
         self.tokenizer = tokenizer
         self.task = Task(task) if task is not None else detect_task(model)
         if self.task is Task.SEQUENCE_CLASSIFICATION:
@@ -85,7 +86,7 @@ class Scorer:
     def _encode(self, prompts: Sequence[str], targets: Sequence[str]) -> list[EncodedEdit]:
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets.")
-        return [encode_edit(self.tokenizer, self.task, prompt, target)
+        return [encode_edit(self.tokenizer, self.task, prompt, target, chat=self.chat)
                 for prompt, target in zip(prompts, targets, strict=True)]
 
     def _chunks(self, encoded: list[EncodedEdit], desc: str) -> Iterator[list[EncodedEdit]]:
