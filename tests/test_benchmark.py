@@ -81,3 +81,18 @@ def test_missing_data_file_is_a_clear_error(setup):
                          text=True, timeout=120)
     assert run.returncode == 2
     assert "No edits file" in run.stderr and "--data" in run.stderr
+
+
+def test_generation_speed_benchmark_reports_every_setting(setup):
+    folder, tiny = setup
+    output = folder / "generation.json"
+    run = subprocess.run([sys.executable, str(SCRIPT.with_name("generation_speed.py")), "--model",
+                          str(folder / "model"), "--target-module", tiny.target, "--sizes", "0,50",
+                          "--new-tokens", "3", "--batch", "3", "--single-prompts", "1", "--repeats", "1",
+                          "--output", str(output)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(output.read_text())
+    assert list(report["settings"]) == ["base", "0 keys", "50 keys"]
+    assert report["settings"]["base"]["ratio_to_base"] == {"single": 1.0, "batch": 1.0}
+    assert all(setting["tokens_per_s"]["batch"] > 0 for setting in report["settings"].values())
+    assert report["settings"]["50 keys"]["search"]["batch_1_ms"] > 0
