@@ -7,6 +7,7 @@
 from .codebook import Codebook, CodebookOperation, CodebookShapeError, CodebookUpdate, ExpandRule
 from .config import GraceConfig
 from .editing import Edit, EditReport, GraceEditor, Task
+from .hub import model_card, push_edits  # also routes PeftModel.push_to_hub of GRACE adapters to push_edits
 from .layer import GraceLayer, Linear
 from .model import GraceModel, codebook_sizes
 from .registration import register
@@ -30,4 +31,6 @@ __all__ = [
     "Linear",
     "Task",
     "codebook_sizes",
+    "model_card",
+    "push_edits",
 ]
