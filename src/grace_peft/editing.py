@@ -9,17 +9,20 @@
    until the target is predicted (or another early-stop rule) and at most ``max_steps`` steps;
 4. verify: a normal inference pass (codebook lookup, no forcing) says whether the edit took.
 
-An edit that raises (or is interrupted) leaves the codebooks exactly as they were before it.
+An edit that raises (or is interrupted) leaves the codebooks exactly as they were before it. Several edits can go
+through these steps together (:meth:`GraceEditor.edit_many` with ``batch_size``), each row with its own value,
+optimizer and early stop.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,7 +32,10 @@ from .codebook import CodebookOperation
 from .config import GraceConfig
 from .frozen_prefix import blocks_below, replay_frozen_blocks
 from .layer import GraceLayer
-from .query import IGNORE_INDEX
+from .query import IGNORE_INDEX, QUERY_POSITIONS_KWARG, label_query_positions
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class Task(str, Enum):
@@ -234,17 +240,25 @@ class GraceEditor:
             every training step (bit-identical activations, much faster when the edited layer is high up).
         chat: render each prompt with the tokenizer's chat template as a user turn; the target is the assistant's
             answer (for chat/instruct models: edit what they answer in a conversation).
+        accelerator: an ``accelerate.Accelerator`` whose mixed precision (bf16/fp16) the probe, training and verify
+            passes run under (``accelerator.autocast()``; with fp16, its gradient scaler scales the loss). Codebook
+            keys, values and distances stay float32.
+
+    Edits run in one process: a model wrapped in DDP or FSDP is refused (every edit changes the codebook that the
+    next edit reads, so edits cannot be split across processes; see :mod:`grace_peft.distributed` for evaluation).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, adapter_name: str | None = None,
                  task: Task | str | None = None, progress: bool = True, reuse_frozen_layers: bool = True,
-                 chat: bool = False) -> None:
+                 chat: bool = False, accelerator: Accelerator | None = None) -> None:
+        _check_not_data_parallel(model)
         self.model = model
         self.tokenizer = tokenizer
         self.adapter_name = adapter_name or _single_active_adapter(model)
         self.task = Task(task) if task is not None else detect_task(model)
         self.progress = progress
         self.chat = chat
+        self.accelerator = accelerator
         self.layers = {
             name.removeprefix("base_model.model."): module
             for name, module in model.named_modules()
@@ -255,6 +269,8 @@ class GraceEditor:
                 f"No GRACE adapter named '{self.adapter_name}' in this model. Wrap the model first: "
                 "get_peft_model(model, GraceConfig(target_modules=[...])), after `import grace_peft`."
             )
+        forward = getattr(_transformers_model(model), "forward", None)
+        self._keeps_logits = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
         self.frozen_blocks = blocks_below(_transformers_model(model), list(self.layers)) if reuse_frozen_layers \
             else []
 
@@ -381,7 +397,8 @@ class GraceEditor:
         for layer in self.layers.values():
             layer.probe = {}
         try:
-            logits = self.model(**inputs).logits
+            with self._autocast():
+                logits = self.model(**inputs).logits
             probes = {name: layer.probe.get(self.adapter_name) for name, layer in self.layers.items()}
         finally:
             for layer in self.layers.values():
@@ -404,31 +421,57 @@ class GraceEditor:
                       for row in range(rows)]
         steps = [0] * rows
         active = [True] * rows
+        inputs, labels = self._training_inputs(inputs)
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
         try:
             with torch.enable_grad():
                 for _ in range(config.max_steps):
                     for name, row_values in values.items():
                         self.layers[name].trained_values[self.adapter_name] = torch.stack(row_values)
-                    logits = self.model(**inputs).logits  # labels locate each row's query
-                    losses = per_row_loss(self.task, logits, inputs["labels"])
+                    with self._autocast():
+                        logits = self.model(**inputs).logits
+                    losses = per_row_loss(self.task, logits, labels)
                     if not torch.isfinite(losses).all():
                         raise FloatingPointError(f"An edit's loss became {losses.tolist()} after {max(steps)} steps; "
                                                  "lower GraceConfig.learning_rate.")
-                    finished = self._done(logits, losses, inputs["labels"])
+                    finished = self._done(logits, losses, labels)
                     active = [still and not done for still, done in zip(active, finished, strict=True)]
                     if not any(active):
                         break
                     for optimizer in optimizers:
                         optimizer.zero_grad(set_to_none=True)
-                    losses.sum().backward()  # each value only gets its own row's gradient
+                    loss = losses.sum()  # each value only gets its own row's gradient
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                     for row, optimizer in enumerate(optimizers):
                         if active[row]:
-                            optimizer.step()
+                            if scaler is None:
+                                optimizer.step()
+                            else:
+                                scaler.step(optimizer)  # unscales; skips the step if the gradient overflowed
                             steps[row] += 1
+                    if scaler is not None:
+                        scaler.update()
         finally:
             for layer in self.layers.values():
                 layer.trained_values.pop(self.adapter_name, None)
         return steps
+
+    def _training_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The training forward's inputs and the labels its logits are scored against.
+
+        A causal LM whose forward takes ``logits_to_keep`` computes logits only from the earliest query to the end
+        (the output layer over the vocabulary is the most expensive part of a step at an upper layer). Its own loss
+        would then see mismatched shapes, so the labels stay here and the query positions they imply are passed
+        explicitly."""
+        labels = inputs["labels"]
+        if self.task is not Task.CAUSAL_LM or not self._keeps_logits:
+            return inputs, labels
+        length = labels.shape[1]
+        positions = label_query_positions(labels, torch.full((len(labels),), length - 1, device=labels.device))
+        keep = length - int(positions.min())
+        trimmed = {name: value for name, value in inputs.items() if name != "labels"}
+        trimmed.update({QUERY_POSITIONS_KWARG: positions, "logits_to_keep": keep})
+        return trimmed, labels[:, length - keep:]
 
     def _done(self, logits: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> list[bool]:
         rule = self.config.early_stop
@@ -440,7 +483,8 @@ class GraceEditor:
 
     @torch.no_grad()
     def _verify(self, inputs: dict[str, torch.Tensor]) -> tuple[list[float], list[bool]]:
-        logits = self.model(**inputs).logits
+        with self._autocast():
+            logits = self.model(**inputs).logits
         losses = per_row_loss(self.task, logits, inputs["labels"])
         return losses.tolist(), target_predicted(self.task, logits, inputs["labels"]).tolist()
 
@@ -457,6 +501,9 @@ class GraceEditor:
         generator = torch.Generator().manual_seed(hash((self.config.seed, edit_id, layer_index)) % (2**63))
         noise = torch.randn(current_output.shape, generator=generator)
         return noise.to(current_output.device) * current_output.pow(2).mean().sqrt()
+
+    def _autocast(self) -> AbstractContextManager:
+        return self.accelerator.autocast() if self.accelerator is not None else nullcontext()
 
     def _codebooks(self):
         return [layer.grace_codebook[self.adapter_name] for layer in self.layers.values()]
@@ -491,6 +538,23 @@ def _single_active_adapter(model: nn.Module) -> str:
             raise ValueError(f"Several adapters are active ({active}); pass adapter_name= to choose the one to edit.")
         return active[0]
     return active
+
+
+def _check_not_data_parallel(model: nn.Module) -> None:
+    """Refuse DDP / FSDP wrappers: GRACE edits are sequential and run in one process on the whole model."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed import fsdp
+
+    wrappers = (nn.parallel.DistributedDataParallel, fsdp.FullyShardedDataParallel, getattr(fsdp, "FSDPModule", ()))
+    wrapped = next((type(module).__name__ for module in model.modules() if isinstance(module, wrappers)), None)
+    if wrapped is not None:
+        raise ValueError(
+            f"GraceEditor cannot edit a model wrapped in {wrapped}. Every edit changes the codebook that the next "
+            "edit reads, so edits run one after another in one process, on a model that holds its full weights "
+            "(device_map may spread it over several GPUs). Edit the unwrapped model in one process, save_pretrained "
+            "the adapter, and load it in every process to evaluate (grace_peft.distributed.evaluate_data_parallel)."
+        )
 
 
 @contextmanager

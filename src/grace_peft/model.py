@@ -36,6 +36,7 @@ class GraceModel(BaseTuner):
             self._query_context = QueryContext(labels_mark_targets=_is_decoder_lm(model))
             self._query_hooks: list[torch.utils.hooks.RemovableHandle] = []
         _check_targets_exist(model, config)
+        _check_targets_not_offloaded(model, config)
 
     def _prepare_adapter_config(self, peft_config: GraceConfig, model_config: dict) -> GraceConfig:
         if peft_config.target_modules is None:
@@ -137,6 +138,58 @@ def _check_sees_input_tokens(model: nn.Module, target: nn.Module, name: str) -> 
                 f"'{name}' is in the decoder of an encoder-decoder model. GRACE edits encoder layers of such models "
                 "(as the paper did with T5): target an encoder FFN, e.g. 'encoder.block.5.layer.1.DenseReluDense.wo'."
             )
+
+
+def _check_targets_not_offloaded(model: nn.Module, config: GraceConfig) -> None:
+    """Check every target before any module is replaced, so that a refusal leaves the model as it was."""
+    if config.target_modules is None:
+        return
+    for name, module in model.named_modules():
+        if name and supported_base_layer(module) and check_target_module_exists(config, name):
+            _check_not_offloaded(model, module, name)
+
+
+def _check_not_offloaded(model: nn.Module, target: nn.Module, name: str) -> None:
+    """Refuse a target whose weights accelerate offloads (to CPU or disk) or that has no weights (meta device)."""
+    if _offloaded_by_hook(model, target, name):
+        why = ("accelerate offloads it (device_map sent its block to 'disk', or to 'cpu' next to GPUs: its weights "
+               "stay there and are only brought to the execution device for each forward)")
+        block = _device_map_entry(model, name)
+        fix = (f"Map that block to a GPU in device_map, e.g. device_map={{..., '{block}': 0}} (or to 'cpu' when the "
+               "whole model runs on CPU), or load the model without offloading.")
+    elif any(parameter.is_meta for parameter in target.parameters()):
+        why = "its weights are on the meta device (no data: the model was created empty or its weights offloaded)"
+        fix = "Load the model's real weights first (no init_empty_weights, no device_map='meta'), then add GRACE."
+    else:
+        return
+    raise ValueError(
+        f"Cannot put a GRACE codebook on '{name}': {why}. A codebook needs the layer's real weights and a real device "
+        f"next to it: every edit probes the layer and trains a value through it, and keys, values and distances live "
+        f"on the layer's device. {fix}"
+    )
+
+
+def _offloaded_by_hook(model: nn.Module, target: nn.Module, name: str) -> bool:
+    """Whether an accelerate hook on ``target``, or one on an ancestor that places its submodules, offloads it."""
+    parts = name.split(".")
+    for depth in range(len(parts) + 1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):  # accelerate's SequentialHook holds several
+            offloads = getattr(part, "offload", False) or getattr(part, "weights_map", None) is not None
+            if offloads and (module is target or getattr(part, "place_submodules", False)):
+                return True
+    return False
+
+
+def _device_map_entry(model: nn.Module, name: str) -> str:
+    """The ``device_map`` key that places module ``name`` (its block, e.g. ``model.layers.27``)."""
+    for key in getattr(model, "hf_device_map", None) or {}:
+        if name == key or name.startswith(f"{key}."):
+            return key
+    parts = name.split(".")
+    numbered = next((index for index, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    return ".".join(parts[: numbered + 1])
 
 
 def _check_targets_exist(model: nn.Module, config: GraceConfig) -> None:

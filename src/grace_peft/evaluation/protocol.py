@@ -15,7 +15,7 @@ Every number carries the name of the protocol it comes from:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from statistics import fmean
@@ -50,6 +50,13 @@ class Scores:
     def summary(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "per_record"}
 
+    @classmethod
+    def from_per_record(cls, protocol: str, per_record: dict[str, list[float | None]]) -> Scores:
+        """The means of per-record values (``rel``, ``gen``, ``loc``, ``upstream``), as :meth:`Evaluator.score`
+        computes them."""
+        return cls(protocol, len(per_record["rel"]), fmean(per_record["rel"]), _mean(per_record["gen"]),
+                   _mean(per_record["loc"]), _mean(per_record["upstream"]), per_record)
+
 
 @dataclass
 class LocalityReference:
@@ -57,6 +64,10 @@ class LocalityReference:
 
     protocol: str
     predictions: list[Predictions | None]
+
+    def subset(self, indices: Iterable[int]) -> LocalityReference:
+        """The reference of the records at ``indices`` (in that order)."""
+        return LocalityReference(self.protocol, [self.predictions[index] for index in indices])
 
 
 class Evaluator:
@@ -98,8 +109,7 @@ class Evaluator:
                 if reference is not None and reference.predictions[index] is not None:
                     loc[index] = float(Predictions([current.predicted[row]], [current.gold[row]])
                                        .agreement(reference.predictions[index])[0])
-        return Scores(self.protocol.value, len(records), fmean(rel), _mean(gen), _mean(loc), _mean(upstream),
-                      {"rel": rel, "gen": gen, "loc": loc, "upstream": upstream})
+        return Scores.from_per_record(self.protocol.value, {"rel": rel, "gen": gen, "loc": loc, "upstream": upstream})
 
     def _predict(self, prompts: list[str], targets: list[str], desc: str) -> Predictions:
         if not prompts:
@@ -176,9 +186,9 @@ def run_lifelong(editor: GraceEditor, records: Sequence[EditRecord], *,
                                             progress=False))
             count = len(reports)
             if immediate:
-                immediate_scores.append(evaluator.score(chunk, _subset(reference, range(first, count))))
+                immediate_scores.append(evaluator.score(chunk, reference.subset(range(first, count))))
             if checkpoint_every and (count // checkpoint_every > first // checkpoint_every or count == len(records)):
-                scores = evaluator.score(records[:count], _subset(reference, range(count)))
+                scores = evaluator.score(records[:count], reference.subset(range(count)))
                 checkpoints.append({"edits": count, "keys": editor.num_keys(),
                                     "seconds": time.perf_counter() - started, **scores.summary()})
             bar.update(count - first)
@@ -202,14 +212,9 @@ def _scatter(records: Sequence[EditRecord], indices: list[int],
     return values
 
 
-def _subset(reference: LocalityReference, indices) -> LocalityReference:
-    return LocalityReference(reference.protocol, [reference.predictions[i] for i in indices])
-
-
 def _merge(scores: list[Scores]) -> Scores:
     per_record = {key: [value for item in scores for value in item.per_record[key]] for key in scores[0].per_record}
-    return Scores(scores[0].protocol, sum(item.count for item in scores), fmean(per_record["rel"]),
-                  _mean(per_record["gen"]), _mean(per_record["loc"]), _mean(per_record["upstream"]), per_record)
+    return Scores.from_per_record(scores[0].protocol, per_record)
 
 
 def _mean(values: list[float | None]) -> float | None:
