@@ -96,3 +96,17 @@ def test_generation_speed_benchmark_reports_every_setting(setup):
     assert report["settings"]["base"]["ratio_to_base"] == {"single": 1.0, "batch": 1.0}
     assert all(setting["tokens_per_s"]["batch"] > 0 for setting in report["settings"].values())
     assert report["settings"]["50 keys"]["search"]["batch_1_ms"] > 0
+
+
+def test_batched_editing_benchmark_compares_with_one_at_a_time(setup):
+    folder, tiny = setup
+    output = folder / "batched.json"
+    run = subprocess.run([sys.executable, str(SCRIPT.with_name("batched_editing.py")), "--model", str(folder / "model"),
+                          "--data", str(folder / "edits.jsonl"), "--target-module", tiny.target, "--eps-init",
+                          str(tiny.eps_init), "--sizes", "1,3", "--output", str(output)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    runs = json.loads(output.read_text())["runs"]
+    assert [row["batch_size"] for row in runs] == [1, 3]
+    assert all(row["same_entries_as_baseline"] and row["took"] == 3 and row["rel"] == 1.0 for row in runs)
+    assert runs[1]["max_value_difference"] < 1e-3 and runs[0]["speedup"] == 1.0
