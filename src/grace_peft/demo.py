@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo (or, with ``--check-saved``, the fresh-process check) and return the exit code."""
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # transformers' own
     if args.check_saved is not None:
         check_saved(args.check_saved, args.base, args.request, args.result)
         return 0
