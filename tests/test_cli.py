@@ -331,7 +331,7 @@ def _lora_folder(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--target-modules", "h.9.mlp.c_proj"],
-     "no module of GPT2LMHeadModel is named h.9.mlp.c_proj; close matches: transformer.h.0.mlp.c_proj"),
+     "no module of GPT2LMHeadModel is named h.9.mlp.c_proj. Close matches: ['transformer.h.0.mlp.c_proj"),
     (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--target-modules", "transformer.h.1.mlp"],
      "is a GPT2MLP"),
     (lambda s, t: ["edit", s.model, _bad_edits(t), "-o", str(t / "a")],

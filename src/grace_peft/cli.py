@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -34,8 +33,7 @@ from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, ModelLoadErro
 from .config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
 from .editing import EditReport, GraceEditor
 from .evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
-from .layer import supported_base_layer
-from .model import codebook_sizes
+from .model import codebook_sizes, target_suggestions
 
 PROG = "grace-peft"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -273,10 +271,8 @@ def check_module_names(model: nn.Module, names: Sequence[str]) -> None:
     modules = [name for name, _ in model.named_modules() if name]
     unknown = [want for want in names if not any(name == want or name.endswith("." + want) for name in modules)]
     if unknown:
-        wrappable = [name for name, module in model.named_modules() if supported_base_layer(module)]
-        close = sorted({match for want in unknown for match in difflib.get_close_matches(want, wrappable, n=3)})
-        hint = f"; close matches: {', '.join(close)}" if close else f"; wrappable modules include {wrappable[-3:]}"
-        raise CliError(f"--target-modules: no module of {type(model).__name__} is named {', '.join(unknown)}{hint}")
+        raise CliError(f"--target-modules: no module of {type(model).__name__} is named {', '.join(unknown)}. "
+                       f"{target_suggestions(model, unknown)}")
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -192,6 +192,13 @@ def _device_map_entry(model: nn.Module, name: str) -> str:
     return ".".join(parts[: numbered + 1])
 
 
+def target_suggestions(model: nn.Module, wanted: list[str]) -> str:
+    """A hint for target names that match nothing: the wrappable modules closest to them (or a few examples)."""
+    wrappable = [name for name, module in model.named_modules() if supported_base_layer(module)]
+    close = sorted({match for want in wanted for match in difflib.get_close_matches(want, wrappable, n=3)})
+    return f"Close matches: {close}." if close else f"Some wrappable modules: {wrappable[-4:]}."
+
+
 def _check_targets_exist(model: nn.Module, config: GraceConfig) -> None:
     """Fail early, naming close matches, when target_modules matches nothing."""
     if config.target_modules is None:
@@ -200,10 +207,8 @@ def _check_targets_exist(model: nn.Module, config: GraceConfig) -> None:
     if any(check_target_module_exists(config, name) for name in names):
         return
     wanted = [config.target_modules] if isinstance(config.target_modules, str) else sorted(config.target_modules)
-    wrappable = [name for name, module in model.named_modules() if supported_base_layer(module)]
-    suggestions = sorted({match for want in wanted for match in difflib.get_close_matches(want, wrappable, n=3)})
-    hint = f" Close matches: {suggestions}." if suggestions else f" Some wrappable modules: {wrappable[-4:]}."
     raise ValueError(
-        f"GraceConfig.target_modules {wanted} matched no module of {type(model).__name__}.{hint} Give full names, "
+        f"GraceConfig.target_modules {wanted} matched no module of {type(model).__name__}. "
+        f"{target_suggestions(model, wanted)} Give full names, "
         "name suffixes (e.g. 'mlp.down_proj' matches every layer) or one regex matched against the full name."
     )
