@@ -331,7 +331,8 @@ class GraceEditor:
             trained = [row for row, plan in enumerate(plans) if plan is not None]
             steps = [0] * len(plans)
             if trained:
-                batch = self._batch([encoded[row].inputs for row in trained])
+                every_row = trained == list(range(len(encoded)))
+                batch = inputs if every_row else self._batch([encoded[row].inputs for row in trained])
                 values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
                 with replay_frozen_blocks(self.frozen_blocks):
                     for row, count in zip(trained, self._train(batch, values), strict=True):
