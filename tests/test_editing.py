@@ -448,7 +448,6 @@ def test_an_edit_that_raises_midway_leaves_the_codebook_untouched(monkeypatch, e
     assert_same_tensors(before, snapshot(model))
     assert len(codebook_of(model)) == 1
     assert model.training and all(module.training for module in model.modules())
-    assert not grace_layer(model).trained_values and grace_layer(model).probe is None
     model.eval()  # no dropout from here on
     assert predicted(model, tm, NEAR_PROMPTS[0]) == "canberra"
     # the failed edit took no id, and editing goes on normally

@@ -23,7 +23,7 @@ from grace_peft import GraceConfig, GraceEditor, GraceLayer
 from grace_peft.query import (
     IGNORE_INDEX,
     QUERY_POSITIONS_KWARG,
-    QueryContext,
+    CallState,
     label_query_positions,
     last_token_positions,
 )
@@ -61,7 +61,7 @@ def recorded_positions(model: nn.Module) -> Iterator[list]:
     seen: list = []
 
     def hook(module, args):
-        current = module.query_context.current
+        current = module.call_state.current
         if current is None:
             seen.append("no query")
         else:
@@ -154,7 +154,7 @@ RIGHT_MASK = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
 
 
 def test_hook_override_is_popped_and_wins_over_mask_and_labels():
-    context = QueryContext(labels_mark_targets=True)
+    context = CallState(labels_mark_targets=True)
     labels = torch.full((2, 6), IGNORE_INDEX)
     labels[:, 3] = 1
     kwargs = {"input_ids": IDS, "attention_mask": RIGHT_MASK, "labels": labels, QUERY_POSITIONS_KWARG: [1, 4]}
@@ -166,7 +166,7 @@ def test_hook_override_is_popped_and_wins_over_mask_and_labels():
 
 
 def test_hook_override_as_tensor():
-    context = QueryContext(labels_mark_targets=False)
+    context = CallState(labels_mark_targets=False)
     _, kwargs = context.pre_forward_hook(Recorder(), (IDS,), {QUERY_POSITIONS_KWARG: torch.tensor([[0], [5]])})
     assert kwargs == {}
     assert context.current.positions.tolist() == [0, 5]
@@ -175,13 +175,13 @@ def test_hook_override_as_tensor():
 @pytest.mark.parametrize("override", [[0, 6], [-1, 2], [3], [1, 2, 3]],
                          ids=["past-end", "negative", "too-few", "too-many"])
 def test_hook_rejects_bad_override(override):
-    context = QueryContext(labels_mark_targets=False)
+    context = CallState(labels_mark_targets=False)
     with pytest.raises(ValueError, match=QUERY_POSITIONS_KWARG):
         context.pre_forward_hook(Recorder(), (), {"input_ids": IDS, QUERY_POSITIONS_KWARG: override})
 
 
 def test_hook_maps_positional_arguments_by_signature():
-    context = QueryContext(labels_mark_targets=True)
+    context = CallState(labels_mark_targets=True)
     context.pre_forward_hook(Recorder(), (IDS, RIGHT_MASK), {})
     assert context.current.positions.tolist() == [3, 5]  # from the positional attention mask
     labels = torch.full((2, 6), IGNORE_INDEX)
@@ -191,7 +191,7 @@ def test_hook_maps_positional_arguments_by_signature():
 
 
 def test_hook_labels_ignored_when_they_do_not_mark_targets():
-    context = QueryContext(labels_mark_targets=False)  # e.g. a classifier: labels are class ids
+    context = CallState(labels_mark_targets=False)  # e.g. a classifier: labels are class ids
     labels = torch.full((2, 6), IGNORE_INDEX)
     labels[:, 1] = 1
     context.pre_forward_hook(Recorder(), (), {"input_ids": IDS, "attention_mask": RIGHT_MASK, "labels": labels})
@@ -345,7 +345,7 @@ def greedy(model, inputs, use_cache: bool, new: int = 5, scores: bool = False):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generation_same_with_and_without_cache(kind, replacement):
     tm, model = edited(kind, replacement)
-    context = model.base_model._query_context
+    context = model.base_model._call_state
     for prompt in (EDITS[0][0], UNEDITED[0]):
         inputs = dict(tm.tokenizer(prompt, return_tensors="pt"))
         n = inputs["input_ids"].shape[1]
@@ -408,7 +408,7 @@ def test_generation_on_t5_runs_encoder_once_and_applies_edit():
     with model.disable_adapter():
         base = greedy(model, inputs, use_cache=True, new=3)
     assert base[0, 1] != token(EDITS[0][1])
-    assert model.base_model._query_context.current is None
+    assert model.base_model._call_state.current is None
     unedited = dict(tm.tokenizer(UNEDITED[0], return_tensors="pt"))
     ours = greedy(model, unedited, use_cache=True, new=3)
     with model.disable_adapter():
@@ -417,11 +417,10 @@ def test_generation_on_t5_runs_encoder_once_and_applies_edit():
 
 def test_positions_reset_after_generate():
     tm, model = edited("gpt2")
-    context = model.base_model._query_context
+    context = model.base_model._call_state
     short = dict(tm.tokenizer(EDITS[1][0], return_tensors="pt"))  # 3 tokens
     greedy(model, short, use_cache=False)
     assert context.current is None
-    assert context._generation_positions is None and context._in_generation is False
     long = dict(tm.tokenizer(UNEDITED[0], return_tensors="pt"))  # 5 tokens
     with recorded_positions(model) as seen:
         logits = logits_of(model, long)
@@ -441,14 +440,13 @@ def fail_after_first_step(input_ids, scores):
 
 def test_positions_reset_after_a_generate_that_raises():
     tm, model = edited("gpt2")
-    context = model.base_model._query_context
+    context = model.base_model._call_state
     short = dict(tm.tokenizer(EDITS[1][0], return_tensors="pt"))
     with recorded_positions(model) as seen, pytest.raises(Boom):
         model.generate(**short, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=PAD,
                        logits_processor=LogitsProcessorList([fail_after_first_step]))
     assert seen == [[2]]  # the prompt forward ran inside the session, then generation failed
     assert context.current is None
-    assert context._generation_positions is None and context._in_generation is False
     long = dict(tm.tokenizer(UNEDITED[0], return_tensors="pt"))
     with recorded_positions(model) as seen:
         logits_of(model, long)
@@ -485,7 +483,7 @@ def test_target_off_the_token_path_raises(module):
 def test_failed_forward_leaves_no_stale_query():
     tm = TINY_MODELS["gpt2"]()
     model = get_peft_model(tm.fresh(), GraceConfig(target_modules=[tm.target], eps_init=tm.eps_init))
-    context = model.base_model._query_context
+    context = model.base_model._call_state
     ids = torch.tensor([tm.tokenizer(EDITS[1][0])["input_ids"]])
     with pytest.raises(RuntimeError):  # fails inside the model, after the query pre-hook ran
         model(input_ids=ids, position_ids=torch.zeros(1, 7, dtype=torch.long))

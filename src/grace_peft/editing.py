@@ -271,6 +271,7 @@ class GraceEditor:
             )
         forward = getattr(_transformers_model(model), "forward", None)
         self._keeps_logits = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+        self._call_state = next(iter(self.layers.values())).call_state
         self.frozen_blocks = blocks_below(_transformers_model(model), list(self.layers)) if reuse_frozen_layers \
             else []
 
@@ -395,15 +396,9 @@ class GraceEditor:
     @torch.no_grad()
     def _probe(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
                                                                 torch.Tensor]:
-        for layer in self.layers.values():
-            layer.probe = {}
-        try:
-            with self._autocast():
-                logits = self.model(**inputs).logits
-            probes = {name: layer.probe.get(self.adapter_name) for name, layer in self.layers.items()}
-        finally:
-            for layer in self.layers.values():
-                layer.probe = None
+        with self._call_state.recording_queries() as recorded, self._autocast():
+            logits = self.model(**inputs).logits
+        probes = {name: recorded.get((layer, self.adapter_name)) for name, layer in self.layers.items()}
         missing = [name for name, probe in probes.items() if probe is None]
         if missing:
             raise RuntimeError(f"GRACE layers {missing} did not run in the forward pass; is the adapter active?")
@@ -424,37 +419,33 @@ class GraceEditor:
         active = [True] * rows
         inputs, labels = self._training_inputs(inputs)
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
-        try:
-            with torch.enable_grad():
-                for _ in range(config.max_steps):
-                    for name, row_values in values.items():
-                        self.layers[name].trained_values[self.adapter_name] = torch.stack(row_values)
-                    with self._autocast():
-                        logits = self.model(**inputs).logits
-                    losses = per_row_loss(self.task, logits, labels)
-                    if not torch.isfinite(losses).all():
-                        raise FloatingPointError(f"An edit's loss became {losses.tolist()} after {max(steps)} steps; "
-                                                 "lower GraceConfig.learning_rate.")
-                    finished = self._done(logits, losses, labels)
-                    active = [still and not done for still, done in zip(active, finished, strict=True)]
-                    if not any(active):
-                        break
-                    for optimizer in optimizers:
-                        optimizer.zero_grad(set_to_none=True)
-                    loss = losses.sum()  # each value only gets its own row's gradient
-                    (loss if scaler is None else scaler.scale(loss)).backward()
-                    for row, optimizer in enumerate(optimizers):
-                        if active[row]:
-                            if scaler is None:
-                                optimizer.step()
-                            else:
-                                scaler.step(optimizer)  # unscales; skips the step if the gradient overflowed
-                            steps[row] += 1
-                    if scaler is not None:
-                        scaler.update()
-        finally:
-            for layer in self.layers.values():
-                layer.trained_values.pop(self.adapter_name, None)
+        with torch.enable_grad():
+            for _ in range(config.max_steps):
+                forced = {(self.layers[name], self.adapter_name): torch.stack(row_values)
+                          for name, row_values in values.items()}
+                with self._call_state.forcing_values(forced), self._autocast():
+                    logits = self.model(**inputs).logits
+                losses = per_row_loss(self.task, logits, labels)
+                if not torch.isfinite(losses).all():
+                    raise FloatingPointError(f"An edit's loss became {losses.tolist()} after {max(steps)} steps; "
+                                             "lower GraceConfig.learning_rate.")
+                finished = self._done(logits, losses, labels)
+                active = [still and not done for still, done in zip(active, finished, strict=True)]
+                if not any(active):
+                    break
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss = losses.sum()  # each value only gets its own row's gradient
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                for row, optimizer in enumerate(optimizers):
+                    if active[row]:
+                        if scaler is None:
+                            optimizer.step()
+                        else:
+                            scaler.step(optimizer)  # unscales; skips the step if the gradient overflowed
+                        steps[row] += 1
+                if scaler is not None:
+                    scaler.update()
         return steps
 
     def _training_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

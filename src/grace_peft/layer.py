@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .codebook import Codebook
-from .query import ForwardQuery, QueryContext
+from .query import CallState, ForwardQuery
 
 MERGE_ERROR = (
     "GRACE adapters cannot be merged into the base weights: a codebook is a lookup table (replace this layer's "
@@ -22,9 +22,9 @@ MERGE_ERROR = (
 class GraceLayer(BaseTunerLayer):
     """Common state of a GRACE-wrapped module: one :class:`Codebook` and one replacement mode per adapter.
 
-    The editor talks to the layer through two attributes that are empty outside an edit: ``probe`` (when a dict,
-    each forward records the query and current output of every active adapter into it) and ``trained_values``
-    (adapter name -> ``(batch, out_features)`` values forced on every row instead of a codebook lookup).
+    Per-call state (the query of the current forward, what a prefill hit, the editor's recordings and forced values)
+    lives in ``call_state``, a :class:`~grace_peft.query.CallState` that the tuner shares between all GRACE layers
+    of a model; a layer made on its own gets a private one.
     """
 
     adapter_layer_names: tuple[str, ...] = ("grace_codebook",)
@@ -40,10 +40,7 @@ class GraceLayer(BaseTunerLayer):
         if in_features is None or out_features is None:
             raise ValueError(f"Cannot tell the input and output widths of {type(base_layer).__name__}.")
         self.in_features, self.out_features = in_features, out_features
-        self.query_context: QueryContext | None = None
-        self.probe: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.trained_values: dict[str, torch.Tensor] = {}
-        self._prefill_hits: dict[str, torch.Tensor] = {}
+        self.call_state = CallState()
 
     def update_layer(self, adapter_name: str, config, codebook_shape: dict[str, int] | None = None) -> None:
         """Add an adapter's codebook to this layer (pre-sized by ``codebook_shape`` when it is about to load)."""
@@ -102,8 +99,8 @@ class Linear(nn.Module, GraceLayer):
 
     def _query_for(self, inputs: torch.Tensor) -> ForwardQuery:
         batch, length = inputs.shape[0], inputs.shape[1]
-        current = self.query_context.current if self.query_context is not None else None
-        if current is None:
+        current = self.call_state.current
+        if current is None:  # called outside a hooked model forward: the last token of every row
             positions = torch.full((batch,), length - 1, dtype=torch.long, device=inputs.device)
             return ForwardQuery(positions=positions, decoding=False)
         if current.decoding:
@@ -115,7 +112,7 @@ class Linear(nn.Module, GraceLayer):
                 f"{tuple(inputs.shape)}: the wrapped module does not see the model's token sequence. Target a module "
                 "in the main token path (an MLP projection of a decoder or encoder block)."
             )
-        return ForwardQuery(positions=positions, decoding=False)
+        return ForwardQuery(positions=positions, decoding=False, prefill=current.prefill)
 
     def _replace(self, adapter: str, inputs: torch.Tensor, output: torch.Tensor, query: ForwardQuery) -> torch.Tensor:
         codebook = self.grace_codebook[adapter]
@@ -124,7 +121,7 @@ class Linear(nn.Module, GraceLayer):
         steps = torch.arange(length, device=output.device)
         if query.decoding:
             # Generated tokens never query; only replace_all keeps applying the prompt's value to them.
-            hits = self._prefill_hits.get(adapter)
+            hits = query.prefill.hits.get((self, adapter)) if query.prefill is not None else None
             if mode != "replace_all" or hits is None or hits.shape[0] != batch or not bool((hits >= 0).any()):
                 return output
             values = codebook.values[hits.clamp_min(0)]
@@ -133,12 +130,12 @@ class Linear(nn.Module, GraceLayer):
             rows = torch.arange(batch, device=output.device)
             positions = query.positions
             query_inputs = inputs[rows, positions]
-            if self.probe is not None:
-                self.probe[adapter] = (query_inputs.detach().float(), output[rows, positions].detach().float())
-            values = self.trained_values.get(adapter)
+            self.call_state.record(self, adapter, query_inputs, output[rows, positions])
+            values = self.call_state.forced_values(self, adapter)
             if values is None:
                 hits = codebook.lookup(query_inputs)
-                self._prefill_hits[adapter] = hits
+                if query.prefill is not None:
+                    query.prefill.hits[(self, adapter)] = hits
                 if not bool((hits >= 0).any()):
                     return output
                 values = codebook.values[hits.clamp_min(0)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from .config import GraceConfig
 from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer
-from .query import QueryContext
+from .query import CallState
 from .registration import ADAPTER_PREFIX
 
 _PEFT_WRAPPER_PREFIX = "base_model.model."
@@ -32,8 +31,8 @@ class GraceModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
-        if "_query_context" not in self.__dict__:
-            self._query_context = QueryContext(labels_mark_targets=_is_decoder_lm(model))
+        if "_call_state" not in self.__dict__:
+            self._call_state = CallState(labels_mark_targets=_is_decoder_lm(model))
             self._query_hooks: list[torch.utils.hooks.RemovableHandle] = []
         _check_targets_exist(model, config)
         _check_targets_not_offloaded(model, config)
@@ -59,7 +58,7 @@ class GraceModel(BaseTuner):
             )
         _check_sees_input_tokens(self.model, target, current_key)
         new_module = Linear(target, adapter_name, peft_config, codebook_shape)
-        new_module.query_context = self._query_context
+        new_module.call_state = self._call_state
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -67,17 +66,19 @@ class GraceModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
         if self._query_hooks:
             return
-        context = self._query_context
+        state = self._call_state
         hooked = _query_hook_module(model)
         self._query_hooks = [
-            hooked.register_forward_pre_hook(context.pre_forward_hook, with_kwargs=True),
-            hooked.register_forward_hook(lambda module, args, output: setattr(context, "current", None),
-                                         always_call=True),  # also after a forward that raised
+            hooked.register_forward_pre_hook(state.pre_forward_hook, with_kwargs=True),
+            hooked.register_forward_hook(state.post_forward_hook, always_call=True),  # also after a forward that raised
         ]
-        if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
+        generate = getattr(model, "generate", None)
+        if callable(generate):
             # Every route to generation (PeftModel.generate, pipelines, model.generate) ends here, so this is where
-            # one generate call is marked as one query session (spec §5).
-            model.generate = functools.partial(_generate_in_session, type(model).generate.__get__(model), context)
+            # one generate call is marked as one call (spec §5).
+            if isinstance(generate, GenerateAsOneCall):  # left by an earlier GRACE model of this base
+                generate = generate.generate
+            model.generate = GenerateAsOneCall(generate, state)
 
     # ------------------------------------------------------------------------------------------ merging / unloading
     def _check_merge_allowed(self) -> None:
@@ -91,8 +92,12 @@ class GraceModel(BaseTuner):
         for handle in self._query_hooks:
             handle.remove()
         self._query_hooks = []
-        if isinstance(model.__dict__.get("generate"), functools.partial):
-            del model.generate
+        wrapper = model.__dict__.get("generate")
+        if isinstance(wrapper, GenerateAsOneCall):  # only grace_peft's own wrapper; what it wrapped comes back
+            if wrapper.generate == type(model).generate.__get__(model):
+                del model.generate
+            else:
+                model.generate = wrapper.generate
         return model
 
     # ------------------------------------------------------------------------------------------ persistence
@@ -113,9 +118,17 @@ def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, i
     }
 
 
-def _generate_in_session(generate, context: QueryContext, *args: Any, **kwargs: Any):
-    with context.generation():
-        return generate(*args, **kwargs)
+class GenerateAsOneCall:
+    """A model's ``generate``, run as one call of its :class:`CallState`: the first forward is the prefill, every
+    later one continues it. GraceModel installs it on the model instance and ``unload()`` removes it."""
+
+    def __init__(self, generate, state: CallState) -> None:
+        self.generate = generate
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        with self.state.generation():
+            return self.generate(*args, **kwargs)
 
 
 def _is_decoder_lm(model: nn.Module) -> bool:
