@@ -45,8 +45,9 @@ def make_tokenizer(template: str | None = None, padding_side: str = "right") -> 
         backend.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", VOCAB["[CLS]"]), ("[SEP]", VOCAB["[SEP]"])]
         )
+    # Only ids and mask, in every transformers release (older ones also return token_type_ids, which T5 refuses).
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<bos>")
+                                        bos_token="<bos>", model_input_names=["input_ids", "attention_mask"])
     tokenizer.padding_side = padding_side
     return tokenizer
 

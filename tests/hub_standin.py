@@ -193,7 +193,9 @@ def _handler_class(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             repo_id = f"{body['organization']}/{body['name']}"
             if repo_id in hub.repos:
                 return 409, {}, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
-            repo = Repo(repo_id, body.get("visibility") == "private", request.headers.get("authorization"))
+            # newer huggingface_hub releases send `visibility`, older ones `private`; the Hub takes either
+            private = body.get("visibility") == "private" or body.get("private") is True
+            repo = Repo(repo_id, private, request.headers.get("authorization"))
             repo.commit("main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
                          "initial commit")
             hub.repos[repo_id] = repo

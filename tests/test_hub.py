@@ -160,10 +160,11 @@ def test_private_revision_commit_message_and_token_reach_the_hub(hub, edited):
                commit_description="zsRE batch 1", token=TOKEN)
 
     create = hub.requests_to("POST", "/api/repos/create")[0].json()
-    assert create == {"name": "private", "organization": "user", "visibility": "private"}
+    assert (create["organization"], create["name"]) == ("user", "private")
+    assert hub.repos["user/private"].private
     ours = [r for r in hub.requests if "user/private" in r.path or r.path in ("/api/repos/create",
                                                                               "/api/validate-yaml")]
-    assert len(ours) == 5 and {r.headers.get("authorization") for r in ours} == {f"Bearer {TOKEN}"}
+    assert ours and {r.headers.get("authorization") for r in ours} == {f"Bearer {TOKEN}"}  # every one, any client
     assert hub.requests_to("POST", "/api/models/user/private/branch/experiments")
     repo = hub.repos["user/private"]
     head = repo.commits[repo.refs["experiments"]]

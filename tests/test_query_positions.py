@@ -224,9 +224,8 @@ def test_positional_arguments_of_real_models_are_mapped(kind):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     width, last = ids.shape[1], (mask.sum(-1) - 1).tolist()
     assert last[0] < last[1] == width - 1, "setup: row 0 must be right-padded"
-    # where the mask sits in each forward signature
-    mask_slot = {"gpt2": 2, "llama": 1}[kind]
-    assert list(inspect.signature(hooked.forward).parameters)[mask_slot] == "attention_mask"
+    mask_slot = list(inspect.signature(hooked.forward).parameters).index("attention_mask")  # differs by release
+    assert mask_slot > 0
     positional = (ids, *[None] * (mask_slot - 1), mask)  # the mask given positionally, in its slot
     with recorded_positions(model) as seen, torch.no_grad():
         hooked(ids)  # no mask: the last position of every row

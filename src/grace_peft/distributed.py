@@ -76,8 +76,11 @@ def locality_reference_data_parallel(model: nn.Module, tokenizer, records: Seque
 def _sharded(state: PartialState, count: int, compute: Callable[[list[int]], list[T]]) -> list[T]:
     """``compute`` over this process's contiguous shard of ``range(count)``, gathered from every process and put
     back in index order (a process whose shard is empty contributes nothing)."""
-    with state.split_between_processes(list(range(count))) as indices:
-        rows: list[tuple[int, Any]] = list(zip(indices, compute(indices), strict=True)) if indices else []
+    # Our own split, not accelerate's split_between_processes: older releases hand an idle process a duplicate.
+    size, extra = divmod(count, state.num_processes)
+    start = state.process_index * size + min(state.process_index, extra)
+    indices = list(range(start, start + size + (state.process_index < extra)))
+    rows: list[tuple[int, Any]] = list(zip(indices, compute(indices), strict=True)) if indices else []
     gathered = sorted(gather_object(rows), key=lambda row: row[0])
     if [index for index, _ in gathered] != list(range(count)):
         raise RuntimeError(f"Gathered {len(gathered)} results for {count} records: a process scored another list.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,10 +36,7 @@ class GraceLayer(BaseTunerLayer):
         self.grace_replacement: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        in_features, out_features = _get_in_out_features(base_layer)
-        if in_features is None or out_features is None:
-            raise ValueError(f"Cannot tell the input and output widths of {type(base_layer).__name__}.")
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = _widths(base_layer)
         self.call_state = CallState()
 
     def update_layer(self, adapter_name: str, config, codebook_shape: dict[str, int] | None = None) -> None:
@@ -153,6 +150,15 @@ class Linear(nn.Module, GraceLayer):
 
     def __repr__(self) -> str:
         return "grace." + super().__repr__()
+
+
+def _widths(module: nn.Module) -> tuple[int, int]:
+    """Input and output widths of a supported base layer (Conv1D stores its weight as ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf
+    raise TypeError(f"GRACE wraps nn.Linear and transformers Conv1D modules, not {type(module).__name__}.")
 
 
 def supported_base_layer(module: nn.Module) -> bool:

@@ -98,7 +98,7 @@ class CallState:
         self.current: ForwardQuery | None = None
         self._generating = False
         self._generation_prefill: Prefill | None = None
-        self._prefill_of_cache: weakref.WeakKeyDictionary[Any, Prefill] = weakref.WeakKeyDictionary()
+        self._prefill_of_cache: weakref.WeakKeyDictionary[Cache, Prefill] = weakref.WeakKeyDictionary()
         self._recorded: dict[tuple[Any, str], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._forced: dict[tuple[Any, str], torch.Tensor] = {}
         self._positional_names: dict[type, list[str]] = {}
@@ -172,7 +172,7 @@ class CallState:
                 return args, kwargs
             decoding = earlier is not None
         else:
-            earlier = self._prefill_of(cache) if cached else None
+            earlier = self._prefill_of_cache.get(cache) if cached else None
             decoding = cached
         if decoding:
             self.current = ForwardQuery(None, decoding=True, prefill=earlier)
@@ -198,11 +198,8 @@ class CallState:
             return
         values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else ()
         cache = _cache_in(values)
-        if isinstance(cache, Cache):  # a legacy tuple cannot be weakly referenced, and is new at every step
+        if cache is not None:
             self._prefill_of_cache[cache] = current.prefill
-
-    def _prefill_of(self, cache: Any) -> Prefill | None:
-        return self._prefill_of_cache.get(cache) if isinstance(cache, Cache) else None
 
     def _positional(self, module: torch.nn.Module) -> list[str]:
         cls = type(module)
@@ -214,23 +211,10 @@ class CallState:
         return self._positional_names[cls]
 
 
-def _cache_in(values: Iterable[Any]) -> Any:
-    """The KV cache among a forward's arguments (or outputs), whatever name carries it: a transformers ``Cache``,
-    or the legacy tuple of per-layer ``(key, value)`` tensors."""
-    for value in values:
-        if isinstance(value, Cache) or _is_legacy_cache(value):
-            return value
-    return None
+def _cache_in(values: Iterable[Any]) -> Cache | None:
+    """The KV cache among a forward's arguments (or outputs), whatever name carries it."""
+    return next((value for value in values if isinstance(value, Cache)), None)
 
 
-def _is_legacy_cache(value: Any) -> bool:
-    return (isinstance(value, (tuple, list)) and len(value) > 0 and isinstance(value[0], (tuple, list))
-            and len(value[0]) > 0 and isinstance(value[0][0], torch.Tensor) and value[0][0].dim() == 4)
-
-
-def _holds_tokens(cache: Any) -> bool:
-    if cache is None:
-        return False
-    if isinstance(cache, Cache):
-        return int(cache.get_seq_length()) > 0
-    return cache[0][0].shape[-2] > 0
+def _holds_tokens(cache: Cache | None) -> bool:
+    return cache is not None and int(cache.get_seq_length()) > 0
