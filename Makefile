@@ -32,7 +32,7 @@ define resolve
 	$(PYTHON) -m venv .venv-resolve
 	.venv-resolve/bin/python -m pip install -q --upgrade pip
 	.venv-resolve/bin/python -m pip install -q $(TORCH)
-	.venv-resolve/bin/python -m pip install -q $(2) hatchling -e ".[$(1)]"
+	.venv-resolve/bin/python -m pip install -q $(2) hatchling editables -e ".[$(1)]"
 	{ echo "# Written by 'make lock' ($$(date -u +%F)); do not edit. torch is installed first, from TORCH."; \
 	  .venv-resolve/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(3).tmp
 	mv $(3).tmp $(3)

@@ -58,7 +58,7 @@ def test_locks_lie_inside_every_declared_range(lock):
 
 def test_main_lock_holds_what_the_readme_commands_need():
     pins = pinned("lock.txt")
-    for needed in ("pytest", "hypothesis", "ruff", "matplotlib", "gguf", "hatchling"):
+    for needed in ("pytest", "hypothesis", "ruff", "matplotlib", "gguf", "hatchling", "editables"):
         assert needed in pins, f"lock.txt lacks {needed}: run make lock"
 
 
