@@ -9,8 +9,8 @@ from conftest import TINY_MODELS, VOCAB
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
-from grace_peft.editing import Task, chat_prompt, encode_edit
 from grace_peft.evaluation import EditRecord, Scorer, run_lifelong
+from grace_peft.inputs import Task, chat_prompt, encode_edit
 from grace_peft.query import IGNORE_INDEX
 
 # A template in the tiny vocabulary: "<bos> {user} <eos>" per turn, "<bos> " opens the assistant's answer.

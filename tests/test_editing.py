@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from grace_peft import CodebookOperation, Edit, GraceConfig, GraceEditor, GraceLayer, Task
-from grace_peft.editing import causal_lm_token_ids, encode_edit, target_predicted
+from grace_peft.inputs import causal_lm_token_ids, encode_edit, target_predicted
 from grace_peft.query import IGNORE_INDEX
 
 ADD = CodebookOperation.ADD

@@ -18,7 +18,6 @@ from conftest import PAD, TINY_MODELS, TinyModel
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
-from grace_peft.editing import causal_lm_token_ids
 from grace_peft.evaluation import (
     EditRecord,
     Evaluator,
@@ -29,6 +28,7 @@ from grace_peft.evaluation import (
     Scores,
     run_lifelong,
 )
+from grace_peft.inputs import causal_lm_token_ids
 from grace_peft.query import QUERY_POSITIONS_KWARG
 
 # Edits known to take on the tiny GPT-2 and Llama, and prompts far from all of them (see test_query_positions).

@@ -29,7 +29,7 @@ from test_placement import (
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from grace_peft import GraceEditor, Task
-from grace_peft.editing import per_row_loss
+from grace_peft.inputs import per_row_loss
 from grace_peft.query import IGNORE_INDEX
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

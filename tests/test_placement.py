@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM
 from grace_peft import CodebookOperation, GraceConfig, GraceEditor, GraceLayer, Task
 from grace_peft.base_models import load_model
 from grace_peft.distributed import evaluate_data_parallel, locality_reference_data_parallel
-from grace_peft.editing import per_row_loss
 from grace_peft.evaluation import EditRecord, Evaluator, read_edits
+from grace_peft.inputs import per_row_loss
 from grace_peft.query import IGNORE_INDEX
 
 EDITS = [(NEAR_PROMPTS[0], "canberra"), (FAR_PROMPT, "paris"), (NEAR_PROMPTS[1], "paris")]

@@ -1,18 +1,20 @@
 """grace_peft: lifelong model editing with GRACE, as a PEFT tuner.
 
 ``import grace_peft`` registers the method with peft; after that ``get_peft_model(model, GraceConfig(...))``,
-``PeftModel.from_pretrained`` and transformers' ``model.load_adapter`` work as for any PEFT method.
+``PeftModel.from_pretrained`` and transformers' ``model.load_adapter`` work as for any PEFT method. Everything the
+import changes outside grace_peft is listed in :mod:`grace_peft.registration`.
 """
 
 from .codebook import Codebook, CodebookOperation, CodebookShapeError, CodebookUpdate, ExpandRule
 from .config import GraceConfig
-from .editing import Edit, EditReport, GraceEditor, Task
-from .hub import model_card, push_edits  # also routes PeftModel.push_to_hub of GRACE adapters to push_edits
+from .editing import EditReport, GraceEditor
+from .hub import model_card, push_edits
+from .inputs import Edit, Task
 from .layer import GraceLayer, Linear
 from .model import GraceModel, codebook_sizes
-from .registration import register
+from .registration import install
 
-register(GraceConfig, GraceModel)
+install(GraceConfig, GraceModel)
 
 __version__ = "0.1.0"
 

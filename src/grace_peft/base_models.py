@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inputs import is_encoder_decoder
+
 SMOLLM2 = "smollm2"
 # Chosen by measurement on SmolLM2-135M (the layer x eps_init sweep of benchmarks/lifelong.py, table in the README).
 SMOLLM2_LAYER = 27
@@ -53,7 +55,7 @@ def load_model(model: str, dtype: str | torch.dtype = "float32") -> tuple[nn.Mod
     folder = model_folder(model)
     try:
         config = AutoConfig.from_pretrained(folder)
-        auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
         base = auto_class.from_pretrained(folder, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,30 +30,26 @@ from tqdm.auto import tqdm
 from .codebook import CodebookOperation
 from .config import GraceConfig
 from .frozen_prefix import blocks_below, replay_frozen_blocks
-from .layer import GraceLayer
-from .query import IGNORE_INDEX, QUERY_POSITIONS_KWARG, label_query_positions
+from .inputs import (
+    Edit,
+    EditLike,
+    EncodedEdit,
+    Task,
+    as_edit,
+    collate,
+    detect_task,
+    encode_edit,
+    input_device,
+    pad_token_id,
+    per_row_loss,
+    target_predicted,
+    transformers_model,
+)
+from .model import grace_layers
+from .query import QUERY_POSITIONS_KWARG, label_query_positions
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-
-class Task(str, Enum):
-    """What kind of model is edited: it decides how edits are tokenized and scored."""
-
-    CAUSAL_LM = "causal_lm"
-    SEQ2SEQ_LM = "seq2seq_lm"
-    SEQUENCE_CLASSIFICATION = "sequence_classification"
-
-
-@dataclass(frozen=True)
-class Edit:
-    """One requested edit: a prompt and what the model should answer (a string, or a class id for classifiers)."""
-
-    prompt: str
-    target: str | int
-
-
-EditLike = Edit | tuple | dict
 
 
 @dataclass
@@ -92,141 +87,6 @@ class _RowPlan:
     values: dict[str, tuple[int, torch.Tensor]]
 
 
-@dataclass
-class EncodedEdit:
-    """Model inputs for one edit, and the exact token ids that label it in the codebook."""
-
-    inputs: dict[str, torch.Tensor]
-    label_ids: torch.Tensor
-
-
-def detect_task(model: nn.Module) -> Task:
-    """Guess the task from a transformers model (pass ``task=`` to :class:`GraceEditor` to override)."""
-    base = _transformers_model(model)
-    config = getattr(base, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return Task.SEQ2SEQ_LM
-    if type(base).__name__.endswith("ForSequenceClassification"):
-        return Task.SEQUENCE_CLASSIFICATION
-    can_generate = getattr(base, "can_generate", None)
-    if callable(can_generate) and can_generate():
-        return Task.CAUSAL_LM
-    raise ValueError(f"Cannot tell how to edit a {type(base).__name__}; pass task='causal_lm', 'seq2seq_lm' or "
-                     "'sequence_classification' to GraceEditor.")
-
-
-def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: bool = False) -> EncodedEdit:
-    """Tokenize one edit. Causal LMs: ``prompt + " " + target`` with only the target tokens labelled (the leading
-    space is part of the target, as the model would generate it); with ``chat``, the prompt is first rendered as a
-    user turn of the tokenizer's chat template (:func:`chat_prompt`) and the target is the assistant's answer.
-    Seq2seq: the target as decoder labels; classifiers: the class id."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"An edit needs a non-empty prompt, got {prompt!r}.")
-    if chat and task is not Task.CAUSAL_LM:
-        raise ValueError(f"Chat templates apply to causal LMs, not to a {task.value} model.")
-    if task is Task.SEQUENCE_CLASSIFICATION:
-        if isinstance(target, bool) or not isinstance(target, int):
-            raise ValueError(f"A classifier edit's target is a class id (int), got {target!r}.")
-        inputs = tokenizer(prompt, return_tensors="pt")
-        label = torch.tensor([target])
-        return EncodedEdit({**inputs, "labels": label}, label)
-    if not isinstance(target, str) or not target.strip():
-        raise ValueError(f"An edit needs a non-empty target string, got {target!r} (prompt {prompt!r}).")
-    if task is Task.SEQ2SEQ_LM:
-        inputs = tokenizer(prompt, return_tensors="pt")
-        labels = tokenizer(text_target=target, return_tensors="pt")["input_ids"]
-        return EncodedEdit({**inputs, "labels": labels}, labels[0])
-    if chat:
-        prompt_ids, target_ids = causal_lm_token_ids(tokenizer, chat_prompt(tokenizer, prompt), target.strip(),
-                                                     add_special_tokens=False)
-    else:
-        prompt_ids, target_ids = causal_lm_token_ids(tokenizer, prompt, target)
-    input_ids = torch.tensor([prompt_ids + target_ids])
-    labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + target_ids])
-    return EncodedEdit(
-        {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels},
-        torch.tensor(target_ids),
-    )
-
-
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """``prompt`` as a user turn of the tokenizer's chat template, followed by the opening of the assistant's turn
-    (the text the model continues with its answer; the last token of it is the GRACE query)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{type(tokenizer).__name__} has no chat template; edit with chat=False, or set "
-                         "tokenizer.chat_template.")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def causal_lm_token_ids(tokenizer, prompt: str, target: str, *,
-                        add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
-    """Prompt token ids and the target's continuation token ids, as the model sees ``prompt + " " + target`` (no
-    space after a prompt that ends in whitespace, such as a chat template's assistant header)."""
-    separator = "" if target[:1].isspace() or prompt[-1:].isspace() else " "
-    eos = tokenizer.eos_token_id
-
-    def ids(text: str) -> list[int]:
-        tokens = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        return tokens[:-1] if tokens and eos is not None and tokens[-1] == eos else tokens
-
-    prompt_ids, full_ids = ids(prompt), ids(prompt + separator + target)
-    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-        return prompt_ids, full_ids[len(prompt_ids):]
-    # the tokenizer merged across the boundary: tokenize the continuation on its own
-    return prompt_ids, tokenizer(separator + target, add_special_tokens=False)["input_ids"]
-
-
-def target_predicted(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row: is every labelled target token (or the class) the model's argmax? Causal LMs predict token ``t``
-    from position ``t - 1``."""
-    if task is Task.SEQUENCE_CLASSIFICATION:
-        return logits.argmax(-1).to(labels.device) == labels
-    predictions = logits.argmax(-1).to(labels.device)
-    if task is Task.CAUSAL_LM:
-        predictions, labels = predictions[:, :-1], labels[:, 1:]
-    labelled = labels != IGNORE_INDEX
-    return ((predictions == labels) | ~labelled).all(-1) & labelled.any(-1)
-
-
-def collate(rows: list[dict[str, torch.Tensor]], task: Task, pad_id: int) -> dict[str, torch.Tensor]:
-    """Batch one-row model inputs. Causal LMs are padded on the left (generation continues every row right after
-    its prompt) and get position ids from the attention mask, so that padding never shifts absolute positions;
-    seq2seq inputs and labels are padded on the right; classifier labels are stacked."""
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    left = task is Task.CAUSAL_LM
-    batch = {}
-    for name in rows[0]:
-        if rows[0][name].dim() == 1:  # one value per row (a class id)
-            batch[name] = torch.cat([row[name] for row in rows])
-            continue
-        sequences = [row[name][0] for row in rows]
-        width = max(len(sequence) for sequence in sequences)
-        padded = torch.full((len(rows), width), fill.get(name, 0), dtype=sequences[0].dtype)
-        for index, sequence in enumerate(sequences):
-            if left:
-                padded[index, width - len(sequence):] = sequence
-            else:
-                padded[index, :len(sequence)] = sequence
-        batch[name] = padded
-    if left and "attention_mask" in batch:
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    return batch
-
-
-def per_row_loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's own loss, as the model computes it for that row alone: the mean cross-entropy over its labelled
-    tokens (causal LMs predict token ``t`` from position ``t - 1``), or over its class for classifiers."""
-    if task is Task.SEQUENCE_CLASSIFICATION:
-        return nn.functional.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
-    labels = labels.to(logits.device)
-    if task is Task.CAUSAL_LM:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    tokens = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                         reduction="none")
-    return tokens.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)
-
-
 class GraceEditor:
     """Applies edits to a model wrapped with a GRACE adapter (``get_peft_model(base, GraceConfig(...))``).
 
@@ -259,20 +119,16 @@ class GraceEditor:
         self.progress = progress
         self.chat = chat
         self.accelerator = accelerator
-        self.layers = {
-            name.removeprefix("base_model.model."): module
-            for name, module in model.named_modules()
-            if isinstance(module, GraceLayer) and self.adapter_name in module.grace_codebook
-        }
+        self.layers = grace_layers(model, self.adapter_name)
         if not self.layers:
             raise ValueError(
                 f"No GRACE adapter named '{self.adapter_name}' in this model. Wrap the model first: "
                 "get_peft_model(model, GraceConfig(target_modules=[...])), after `import grace_peft`."
             )
-        forward = getattr(_transformers_model(model), "forward", None)
+        forward = getattr(transformers_model(model), "forward", None)
         self._keeps_logits = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
         self._call_state = next(iter(self.layers.values())).call_state
-        self.frozen_blocks = blocks_below(_transformers_model(model), list(self.layers)) if reuse_frozen_layers \
+        self.frozen_blocks = blocks_below(transformers_model(model), list(self.layers)) if reuse_frozen_layers \
             else []
 
     @property
@@ -481,9 +337,9 @@ class GraceEditor:
         return losses.tolist(), target_predicted(self.task, logits, inputs["labels"]).tolist()
 
     def _batch(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        batch = collate(rows, self.task, 0 if pad is None else pad)
-        return {name: tensor.to(self._input_device()) for name, tensor in batch.items()}
+        batch = collate(rows, self.task, pad_token_id(self.tokenizer))
+        device = input_device(self.model)
+        return {name: tensor.to(device) for name, tensor in batch.items()}
 
     def _initial_value(self, current_output: torch.Tensor, edit_id: int, layer_name: str) -> torch.Tensor:
         if self.config.value_init == "warm":
@@ -499,28 +355,6 @@ class GraceEditor:
 
     def _codebooks(self):
         return [layer.grace_codebook[self.adapter_name] for layer in self.layers.values()]
-
-    def _input_device(self) -> torch.device:
-        embeddings = self.model.get_input_embeddings()
-        return embeddings.weight.device
-
-
-def as_edit(item: EditLike) -> Edit:
-    """Accept ``Edit``, ``(prompt, target)`` or ``{"prompt": ..., "target": ...}``."""
-    if isinstance(item, Edit):
-        return item
-    if isinstance(item, dict):
-        if "prompt" not in item or "target" not in item:
-            raise ValueError(f"An edit dict needs 'prompt' and 'target' keys, got {sorted(item)}.")
-        return Edit(item["prompt"], item["target"])
-    if isinstance(item, tuple) and len(item) == 2:
-        return Edit(*item)
-    raise ValueError(f"Cannot read an edit from {item!r}: use Edit(prompt, target), (prompt, target) or a dict.")
-
-
-def _transformers_model(model: nn.Module) -> nn.Module:
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
 
 
 def _single_active_adapter(model: nn.Module) -> str:

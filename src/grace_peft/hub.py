@@ -4,10 +4,10 @@ Pulling needs nothing special: ``import grace_peft`` and ``PeftModel.from_pretra
 revision=...)`` reproduce the pushed model bit for bit, and with ``HF_HUB_OFFLINE=1`` a cached copy loads without
 network.
 
-Importing this module routes ``PeftModel.push_to_hub`` to :func:`push_edits` for models whose active adapter is a
-GRACE adapter (others keep peft's behaviour): the inherited method (transformers' ``PushToHubMixin``) would save
-the adapter, then overwrite the README that peft wrote with transformers' generic card (``library_name:
-transformers``), or with whatever card the repo already has.
+``import grace_peft`` routes ``PeftModel.push_to_hub`` to :func:`push_edits` for models whose active adapter is a
+GRACE adapter (others keep peft's behaviour; see :mod:`grace_peft.registration`): the inherited method
+(transformers' ``PushToHubMixin``) would save the adapter, then overwrite the README that peft wrote with
+transformers' generic card (``library_name: transformers``), or with whatever card the repo already has.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from peft import PeftModel
 from torch import nn
 
 from .codebook import Codebook
-from .editing import Task, detect_task
-from .layer import GraceLayer
+from .inputs import Task, detect_task
+from .model import grace_layers
 from .registration import GRACE_PEFT_TYPE
 
 __all__ = ["EDITS_FILE", "model_card", "push_edits"]
@@ -39,7 +39,6 @@ _PIPELINE_TAGS = {Task.CAUSAL_LM: "text-generation", Task.SEQUENCE_CLASSIFICATIO
 _AUTO_CLASSES = {Task.CAUSAL_LM: "AutoModelForCausalLM", Task.SEQ2SEQ_LM: "AutoModelForSeq2SeqLM",
                  Task.SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification"}
 _HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_PEFT_WRAPPER_PREFIX = "base_model.model."
 
 
 def model_card(model: PeftModel, adapter_name: str = "default", *, include_edits: bool = False,
@@ -158,11 +157,7 @@ def _grace_config(model: nn.Module, adapter_name: str):
 
 
 def _codebooks(model: nn.Module, adapter_name: str) -> dict[str, Codebook]:
-    return {
-        name.removeprefix(_PEFT_WRAPPER_PREFIX): module.grace_codebook[adapter_name]
-        for name, module in model.named_modules()
-        if isinstance(module, GraceLayer) and adapter_name in module.grace_codebook
-    }
+    return {name: layer.grace_codebook[adapter_name] for name, layer in grace_layers(model, adapter_name).items()}
 
 
 def _task(model: nn.Module) -> Task | None:
@@ -214,8 +209,9 @@ def _private_edits_section() -> list[str]:
     ]
 
 
-def _grace_push_to_hub(original):
-    """``PeftModel.push_to_hub`` that pushes GRACE adapters with :func:`push_edits` (and so with our card)."""
+def grace_push_to_hub(original):
+    """``PeftModel.push_to_hub`` that pushes GRACE adapters with :func:`push_edits` (and so with our card), and
+    other adapters with ``original``; installed by :func:`grace_peft.registration.install`."""
 
     @functools.wraps(original)
     def push_to_hub(self, repo_id: str, **kwargs: Any):
@@ -227,11 +223,3 @@ def _grace_push_to_hub(original):
 
     push_to_hub.grace_peft_original = original
     return push_to_hub
-
-
-def _route_push_to_hub() -> None:
-    current = PeftModel.push_to_hub
-    PeftModel.push_to_hub = _grace_push_to_hub(getattr(current, "grace_peft_original", current))
-
-
-_route_push_to_hub()

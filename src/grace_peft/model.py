@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from .config import GraceConfig
+from .inputs import is_encoder_decoder
 from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer
 from .query import CallState
 from .registration import ADAPTER_PREFIX
@@ -109,13 +110,20 @@ class GraceModel(BaseTuner):
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
 
-def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, int]]:
-    """Codebook shapes (``size``: entries, ``label_size``: label tokens) of ``adapter_name`` per wrapped module."""
+def grace_layers(model: nn.Module, adapter_name: str) -> dict[str, GraceLayer]:
+    """The GRACE layers that hold ``adapter_name``, by module name in the transformers model (the names of
+    ``target_modules`` and of ``adapter_config.json``, without the PeftModel's ``base_model.model.``)."""
     return {
-        name.removeprefix(_PEFT_WRAPPER_PREFIX): module.grace_codebook[adapter_name].shape_record()
+        name.removeprefix(_PEFT_WRAPPER_PREFIX): module
         for name, module in model.named_modules()
         if isinstance(module, GraceLayer) and adapter_name in module.grace_codebook
     }
+
+
+def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, int]]:
+    """Codebook shapes (``size``: entries, ``label_size``: label tokens) of ``adapter_name`` per wrapped module."""
+    return {name: layer.grace_codebook[adapter_name].shape_record()
+            for name, layer in grace_layers(model, adapter_name).items()}
 
 
 class GenerateAsOneCall:
@@ -132,20 +140,19 @@ class GenerateAsOneCall:
 
 
 def _is_decoder_lm(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
     can_generate = getattr(model, "can_generate", None)
-    return not getattr(config, "is_encoder_decoder", False) and callable(can_generate) and bool(can_generate())
+    return not is_encoder_decoder(model) and callable(can_generate) and bool(can_generate())
 
 
 def _query_hook_module(model: nn.Module) -> nn.Module:
     """The module whose inputs (ids, attention mask, labels) are the token sequence the wrapped layers see."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         return model.get_encoder()
     return model
 
 
 def _check_sees_input_tokens(model: nn.Module, target: nn.Module, name: str) -> None:
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         if not any(module is target for module in model.get_encoder().modules()):
             raise NotImplementedError(
                 f"'{name}' is in the decoder of an encoder-decoder model. GRACE edits encoder layers of such models "

@@ -1,5 +1,18 @@
-"""Registration of GRACE as a PEFT method, with stock peft: a real ``PeftType`` member, then
-``register_peft_method``. Both steps are idempotent, so importing grace_peft twice (or reloading it) is harmless."""
+"""Everything grace_peft changes outside its own objects, in one place.
+
+Process-wide, done once by ``import grace_peft`` (:func:`install`; idempotent, so importing twice or reloading the
+package is harmless):
+
+1. ``PeftType`` gains a real member ``GRACE`` (peft's ``register_peft_method`` refuses other names, and
+   transformers' ``load_adapter`` calls ``.value`` on the type, so a plain string will not do);
+2. peft's method registry learns ``GraceConfig`` / ``GraceModel`` with the parameter prefix ``grace_``;
+3. ``PeftModel.push_to_hub`` pushes GRACE adapters with :func:`grace_peft.hub.push_edits` (our model card) and
+   leaves every other adapter to peft's own method.
+
+Per model, done by :class:`grace_peft.GraceModel` when it wraps a model and undone by ``unload()``: a forward
+pre-hook and a forward hook on the model (on the encoder of an encoder-decoder) that hand each call's query to the
+layers, and a :class:`grace_peft.model.GenerateAsOneCall` wrapper on the model instance's ``generate``.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +22,26 @@ from peft.utils import PeftType
 PEFT_METHOD_NAME = "grace"
 ADAPTER_PREFIX = "grace_"
 
-# transformers' `load_adapter` calls `.value` on the peft type, so a plain string will not do: it must be a member.
 if "GRACE" not in PeftType.__members__:
     extend_enum(PeftType, "GRACE", "GRACE")
 GRACE_PEFT_TYPE = PeftType.GRACE
 
 
-def register(config_cls: type, model_cls: type) -> None:
-    """Make ``GraceConfig``/``GraceModel`` known to peft (no-op when they already are)."""
+def install(config_cls: type, model_cls: type) -> None:
+    """Register GRACE with peft and route ``PeftModel.push_to_hub`` (both no-ops when already done)."""
+    from peft import PeftModel
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
+
+    from .hub import grace_push_to_hub
 
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(GRACE_PEFT_TYPE) is not None:
         # Already registered, possibly by an earlier copy of this module (importlib.reload): point the mappings
         # at the current classes so that isinstance checks keep working.
         PEFT_TYPE_TO_CONFIG_MAPPING[GRACE_PEFT_TYPE] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[GRACE_PEFT_TYPE] = model_cls
-        return
-    register_peft_method(name=PEFT_METHOD_NAME, config_cls=config_cls, model_cls=model_cls, prefix=ADAPTER_PREFIX)
+    else:
+        register_peft_method(name=PEFT_METHOD_NAME, config_cls=config_cls, model_cls=model_cls,
+                             prefix=ADAPTER_PREFIX)
+    current = PeftModel.push_to_hub
+    PeftModel.push_to_hub = grace_push_to_hub(getattr(current, "grace_peft_original", current))

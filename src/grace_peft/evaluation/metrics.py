@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..inputs import causal_shift
 from ..query import IGNORE_INDEX
 
 
@@ -18,9 +19,7 @@ def _aligned(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> tupl
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} in batch and length.")
     predictions = logits.argmax(-1).to(labels.device)
-    if shift:
-        return predictions[:, :-1], labels[:, 1:]
-    return predictions, labels
+    return causal_shift(predictions, labels) if shift else (predictions, labels)
 
 
 def predicted_tokens(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> list[torch.Tensor]:

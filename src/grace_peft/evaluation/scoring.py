@@ -1,6 +1,6 @@
 """Run a model over (prompt, target) pairs in padded batches and score them with :mod:`.metrics` (spec §8).
 
-Pairs are tokenized exactly as the editor tokenizes an edit (:func:`grace_peft.editing.encode_edit`: for causal
+Pairs are tokenized exactly as the editor tokenizes an edit (:func:`grace_peft.inputs.encode_edit`: for causal
 LMs ``prompt + " " + target`` with the leading space inside the target), for teacher forcing and for generation
 alike, so a score never suffers from the train/test tokenization mismatch of EasyEdit's generation scorer.
 Causal LM batches are left padded; the GRACE query positions follow the attention mask, so a batch scores exactly
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..editing import EncodedEdit, Task, collate, detect_task, encode_edit
+from ..inputs import EncodedEdit, Task, collate, detect_task, encode_edit, input_device, pad_token_id
 from ..query import IGNORE_INDEX
 from .metrics import gold_tokens, match_fraction, predicted_tokens
 
@@ -53,8 +53,7 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
         self.progress = progress
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = 0 if pad is None else pad
+        self.pad_id = pad_token_id(tokenizer)
 
     @torch.no_grad()
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str], *, desc: str = "scoring") -> Predictions:
@@ -96,7 +95,8 @@ class Scorer:
             yield encoded[start:start + self.batch_size]
 
     def _collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {name: tensor.to(self._device) for name, tensor in collate(rows, self.task, self.pad_id).items()}
+        device = input_device(self.model)
+        return {name: tensor.to(device) for name, tensor in collate(rows, self.task, self.pad_id).items()}
 
     def _generate(self, encoded: list[EncodedEdit], max_new_tokens: int) -> list[list[int]]:
         if self.task is Task.CAUSAL_LM:
@@ -112,7 +112,3 @@ class Scorer:
         # causal LMs return prompt + new tokens; seq2seq returns the decoder start token + new tokens
         start = inputs["input_ids"].shape[1] if self.task is Task.CAUSAL_LM else 1
         return output[:, start:].tolist()
-
-    @property
-    def _device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
