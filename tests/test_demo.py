@@ -79,7 +79,9 @@ def test_batched_generation_equals_one_prompt_at_a_time_after_editing(causal_lm,
     model, tokenizer = causal_lm.fresh(), causal_lm.tokenizer
     peft_model, reports, _, keys = demo.apply_edits(model, tokenizer, tiny_config(causal_lm), TINY_EDITS)
     assert all(report.success for report in reports) and keys == len(TINY_EDITS)
+    side = tokenizer.padding_side
     batched = demo.generate_all(peft_model, tokenizer, TINY_EDITS, TINY_UNRELATED, None)
+    assert tokenizer.padding_side == side == "right"  # left-padded batches, without changing the caller's tokenizer
     monkeypatch.setattr(demo, "BATCH_SIZE", 1)
     assert demo.generate_all(peft_model, tokenizer, TINY_EDITS, TINY_UNRELATED, None) == batched
     assert all(demo.produces(text, edit.target) for text, edit in zip(batched.edits, TINY_EDITS, strict=True))

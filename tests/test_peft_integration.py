@@ -193,6 +193,20 @@ def test_low_cpu_mem_usage_load_and_bf16_base_keep_fp32_codebook(tmp_path):
     assert logits(again, tm).dtype == torch.bfloat16
 
 
+def test_saving_records_codebook_sizes_in_the_file_not_in_the_live_config(tmp_path):
+    tm = TINY_MODELS["gpt2"]()
+    model = edited(tm)
+    config = model.peft_config["default"]
+    before = {key: value for key, value in config.to_dict().items() if key != "base_model_name_or_path"}
+    model.save_pretrained(tmp_path)
+    after = {key: value for key, value in config.to_dict().items() if key != "base_model_name_or_path"}
+    assert after == before and config.codebook_sizes == {}
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["codebook_sizes"] == {"transformer.h.1.mlp.c_proj": {"size": 2, "label_size": 2}}
+    again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
+    assert torch.equal(logits(again, tm), logits(model, tm))
+
+
 def test_peft_config_and_auto_peft_model_loading(tmp_path):
     tm = TINY_MODELS["llama"]()
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"

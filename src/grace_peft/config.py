@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -49,9 +50,10 @@ class GraceConfig(PeftConfig):
         stop_loss: Loss threshold for ``early_stop="loss"``.
         skip_if_correct: Skip edits whose target the model already predicts ("edit only on error", as the authors).
         seed: Seed of the random values drawn by ``value_init="cold"``.
-        codebook_sizes: Filled in on save: per wrapped module, the codebook's entries (``size``) and label token
-            count (``label_size``), so that a fresh model can allocate the saved shapes before loading (transformers'
-            ``load_adapter`` compares shapes first). Not meant to be set by hand.
+        codebook_sizes: Written on save (the live config is left as it is): per wrapped module, the codebook's
+            entries (``size``) and label token count (``label_size``), so that a fresh model can allocate the saved
+            shapes before loading (transformers' ``load_adapter`` compares shapes first). Not meant to be set by
+            hand.
     """
 
     target_modules: list[str] | str | None = field(
@@ -106,11 +108,21 @@ class GraceConfig(PeftConfig):
             for name, shape in (self.codebook_sizes or {}).items()
         }
 
+    def record_codebook_sizes_on_save(self, sizes: dict[str, dict[str, int]]) -> None:
+        """Have the next :meth:`save_pretrained` write ``sizes`` as ``codebook_sizes`` (the tuner calls this while
+        ``PeftModel.save_pretrained`` collects the weights), without changing this object's own field."""
+        self.__dict__["_sizes_to_save"] = sizes
+
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write ``adapter_config.json`` atomically: an interrupted save leaves the previous file intact."""
+        written = self
+        sizes = self.__dict__.pop("_sizes_to_save", None)
+        if sizes is not None:
+            written = copy.copy(self)
+            written.codebook_sizes = sizes
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".grace-config-") as staging:
-            super().save_pretrained(staging, **kwargs)
+            PeftConfig.save_pretrained(written, staging, **kwargs)
             os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
 
 

@@ -37,6 +37,7 @@ from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, m
 from .config import GraceConfig
 from .editing import EditReport, GraceEditor
 from .evaluation.records import EditRecord, read_jsonl
+from .inputs import input_device
 
 DEFAULT_LAYER = SMOLLM2_LAYER
 DEFAULT_EPS_INIT = SMOLLM2_EPS_INIT
@@ -87,12 +88,11 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], budgets: Seque
 
     Prompts run in left-padded batches of ``BATCH_SIZE``; greedy decoding makes each row's first ``budgets[i]``
     tokens independent of how long the batch goes on, so one call serves prompts with different budgets."""
-    tokenizer.padding_side = "left"
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     texts = []
     for start in range(0, len(prompts), BATCH_SIZE):
         chunk, chunk_budgets = prompts[start:start + BATCH_SIZE], budgets[start:start + BATCH_SIZE]
-        inputs = tokenizer(list(chunk), return_tensors="pt", padding=True).to(device)
+        inputs = tokenizer(list(chunk), return_tensors="pt", padding=True, padding_side="left").to(device)
         output = model.generate(**inputs, max_new_tokens=max(chunk_budgets), do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]

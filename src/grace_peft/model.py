@@ -105,8 +105,9 @@ class GraceModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: GraceConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]):
-        # Saved shapes differ from a fresh model's: record them so a loader can allocate them first (spec §7).
-        config.codebook_sizes = codebook_sizes(model, adapter_name)
+        # Saved shapes differ from a fresh model's: the config file written next records them, so that a loader can
+        # allocate them first (spec §7). The live config keeps its own value.
+        config.record_codebook_sizes_on_save(codebook_sizes(model, adapter_name))
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
 
