@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, TinyModel
 from peft import PeftModel
 
 from grace_peft import base_models, cli
+from grace_peft.adapter_files import summarize_adapter
 from grace_peft.evaluation import Evaluator, read_edits
 
 LOCALITY = ("my favourite colour is", "red")  # an unrelated prompt, far from every edit's key on both tiny models
@@ -229,8 +231,8 @@ def test_adapter_option_continues_editing_and_grows_the_codebook(gpt2, tmp_path,
     assert run_cli(capsys, "edit", gpt2.model, first, "-o", one, "--no-progress", *tiny_options(gpt2.tiny))[0] == 0
     code, _, _ = run_cli(capsys, "edit", gpt2.model, second, "-o", two, "--adapter", one, "--no-progress")
     assert code == 0
-    assert cli.summarize_adapter(one)["num_keys"] == 1
-    summary = cli.summarize_adapter(two)
+    assert summarize_adapter(one)["num_keys"] == 1
+    summary = summarize_adapter(two)
     assert summary["num_keys"] == 3
     module = summary["modules"]["transformer.h.1.mlp.c_proj"]
     assert module["distinct_edit_ids"] == 3 and module["edits_seen"] == 3  # edit ids go on from the saved ones
@@ -310,7 +312,7 @@ def test_inspect_json_equals_the_loaded_codebook(saved, capsys):
 def test_inspect_prints_a_readable_summary(gpt2, capsys):
     code, out, _ = run_cli(capsys, "inspect", gpt2.adapter)
     assert code == 0
-    summary = cli.summarize_adapter(gpt2.adapter)
+    summary = summarize_adapter(gpt2.adapter)
     assert "transformer.h.1.mlp.c_proj" in out
     assert f"keys            {summary['num_keys']} (key dim 128, value dim 32)" in out
     assert f"eps init        {gpt2.tiny.eps_init}" in out
@@ -323,6 +325,15 @@ def _bad_edits(tmp_path: Path) -> str:
                                                 {"prompt": "who leads apple"}])
 
 
+def _torn_weights(adapter: str, tmp_path: Path) -> str:
+    """A copy of a saved GRACE adapter whose weights file is cut in the middle."""
+    folder = tmp_path / "torn"
+    shutil.copytree(adapter, folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(folder)
+
+
 def _lora_folder(tmp_path: Path) -> str:
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
@@ -331,7 +342,7 @@ def _lora_folder(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--target-modules", "h.9.mlp.c_proj"],
-     "no module of GPT2LMHeadModel is named h.9.mlp.c_proj. Close matches: ['transformer.h.0.mlp.c_proj"),
+     "matched no module of GPT2LMHeadModel. Close matches: ['transformer.h.0.mlp.c_proj"),
     (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--target-modules", "transformer.h.1.mlp"],
      "is a GPT2MLP"),
     (lambda s, t: ["edit", s.model, _bad_edits(t), "-o", str(t / "a")],
@@ -345,8 +356,10 @@ def _lora_folder(tmp_path: Path) -> str:
     (lambda s, t: ["inspect", s.model], "not a GRACE adapter: it has no adapter_config.json"),
     (lambda s, t: ["inspect", _lora_folder(t)], "has peft_type 'LORA'"),
     (lambda s, t: ["inspect", str(t / "nowhere")], "adapter folder not found"),
+    (lambda s, t: ["inspect", _torn_weights(s.adapter, t)], "adapter_model.safetensors cannot be read"),
 ], ids=["module-name", "module-type", "edits-record", "edits-missing", "model-missing", "not-a-model",
-        "layer-range", "edit-adapter", "eval-adapter", "inspect-model-folder", "inspect-lora", "inspect-missing"])
+        "layer-range", "edit-adapter", "eval-adapter", "inspect-model-folder", "inspect-lora", "inspect-missing",
+        "inspect-torn-weights"])
 def test_errors_exit_2_with_one_line(gpt2, tmp_path, capsys, argv, message):
     code, out, err = run_cli(capsys, *argv(gpt2, tmp_path))
     assert code == 2
@@ -385,7 +398,7 @@ def test_batched_edit_gives_the_same_adapter_as_one_at_a_time(gpt2, tmp_path):
     for name, size in (("one", "1"), ("batched", "3")):
         assert cli.main(["edit", gpt2.model, gpt2.edits, "-o", str(tmp_path / name), *tiny_options(gpt2.tiny),
                          "--batch-size", size, "--no-progress"]) == 0
-    one, batched = (cli.summarize_adapter(tmp_path / name) for name in ("one", "batched"))
+    one, batched = (summarize_adapter(tmp_path / name) for name in ("one", "batched"))
     assert one["num_keys"] == batched["num_keys"] > 0
     assert [m["distinct_edit_ids"] for m in one["modules"].values()] == \
         [m["distinct_edit_ids"] for m in batched["modules"].values()]

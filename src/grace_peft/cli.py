@@ -12,39 +12,34 @@ import dataclasses
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from . import adapter_files
+from .adapter_files import AdapterFileError, summarize_adapter
 from .atomic import atomic_file
 from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, ModelLoadError, load_model, mlp_output_projection
 from .config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
 from .editing import EditReport, GraceEditor
 from .evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
-from .model import codebook_sizes, target_suggestions
+from .model import codebook_sizes
 
 PROG = "grace-peft"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"
 DTYPES = ("float32", "bfloat16", "float16")
 METRICS = ("rel", "gen", "loc", "upstream")
 
 # GraceConfig fields that `edit` options set (same names as the argparse dests); refused with --adapter.
 CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop")
-_CODEBOOK_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.grace_codebook\.(?P<tensor>\w+)$")
 
 
 class CliError(Exception):
@@ -258,21 +253,9 @@ def print_edit_summary(reports: Sequence[EditReport], modules: Sequence[str], nu
 
 
 def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None, layer: int | None) -> list[str]:
-    """The modules to wrap: ``target_modules`` checked against the model, else the MLP output projection of
+    """The modules to wrap: ``target_modules`` (the tuner checks them), else the MLP output projection of
     ``--layer`` (or of the default layer)."""
-    if target_modules:
-        check_module_names(model, target_modules)
-        return list(target_modules)
-    return [mlp_output_projection(model, layer)]
-
-
-def check_module_names(model: nn.Module, names: Sequence[str]) -> None:
-    """Every name must match a module exactly or as a name suffix; suggest close matches otherwise."""
-    modules = [name for name, _ in model.named_modules() if name]
-    unknown = [want for want in names if not any(name == want or name.endswith("." + want) for name in modules)]
-    if unknown:
-        raise CliError(f"--target-modules: no module of {type(model).__name__} is named {', '.join(unknown)}. "
-                       f"{target_suggestions(model, unknown)}")
+    return list(target_modules) if target_modules else [mlp_output_projection(model, layer)]
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -316,7 +299,10 @@ def print_score_table(protocol: str, unedited: Scores, edited: Scores) -> None:
 # ---------------------------------------------------------------------------------------------- inspect
 def run_inspect(args: argparse.Namespace) -> int:
     """``grace-peft inspect``: summarize a saved adapter from its files alone."""
-    summary = summarize_adapter(args.adapter)
+    try:
+        summary = summarize_adapter(args.adapter)
+    except AdapterFileError as error:
+        raise CliError(str(error)) from None
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -334,54 +320,6 @@ def run_inspect(args: argparse.Namespace) -> int:
               f"max {_number(radii['max'])}")
         print(f"  {'value norms':<15} {_number(norms['min'])} to {_number(norms['max'])}")
     return 0
-
-
-def summarize_adapter(folder: str | os.PathLike) -> dict[str, Any]:
-    """Configuration essentials and per-module codebook statistics of a saved GRACE adapter."""
-    config = read_adapter_config(folder)
-    weights = Path(folder) / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise CliError(f"{folder} has a GRACE adapter_config.json but no {ADAPTER_WEIGHTS}")
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(weights).items():
-        if match := _CODEBOOK_TENSOR.match(key):
-            tensors.setdefault(match["module"], {})[match["tensor"]] = tensor
-    if not tensors:
-        raise CliError(f"{weights} holds no GRACE codebook tensors")
-    modules = {name: codebook_statistics(name, parts) for name, parts in sorted(tensors.items())}
-    target_modules = config.get("target_modules")
-    return {
-        "adapter": os.fspath(folder),
-        "config": {
-            "base_model": config.get("base_model_name_or_path"),
-            "target_modules": sorted(target_modules) if isinstance(target_modules, list) else target_modules,
-            "eps_init": config.get("eps_init"),
-            "eps_expand": config.get("eps_expand"),
-            "replacement": config.get("replacement"),
-        },
-        "num_keys": sum(module["keys"] for module in modules.values()),
-        "modules": modules,
-    }
-
-
-def codebook_statistics(module: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Keys, radii, distinct edit ids and value norms of one saved codebook."""
-    missing = [name for name in ("keys", "values", "radii", "edit_ids") if name not in tensors]
-    if missing:
-        raise CliError(f"the codebook of {module} lacks its {', '.join(missing)} tensor(s)")
-    keys, values, radii = tensors["keys"], tensors["values"].float(), tensors["radii"].float().tolist()
-    norms = values.norm(dim=-1).tolist()
-    next_edit_id = tensors.get("next_edit_id")
-    return {
-        "keys": keys.shape[0],
-        "key_dim": keys.shape[-1],
-        "value_dim": values.shape[-1],
-        "distinct_edit_ids": len(set(tensors["edit_ids"].tolist())),
-        "edits_seen": int(next_edit_id) if next_edit_id is not None else None,
-        "radii": {"min": min(radii, default=None), "median": statistics.median(radii) if radii else None,
-                  "max": max(radii, default=None)},
-        "value_norms": {"min": min(norms, default=None), "max": max(norms, default=None)},
-    }
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -408,19 +346,10 @@ def load_records(path: str, format: str, limit: int | None) -> list[EditRecord]:
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``adapter_config.json`` of a GRACE adapter folder; anything else is a :class:`CliError`."""
-    path = Path(folder) / ADAPTER_CONFIG
-    if not Path(folder).is_dir():
-        raise CliError(f"adapter folder not found: {folder}")
-    if not path.is_file():
-        raise CliError(f"{folder} is not a GRACE adapter: it has no {ADAPTER_CONFIG}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CliError(f"{path} is not valid JSON: {error}") from None
-    peft_type = config.get("peft_type") if isinstance(config, dict) else None
-    if peft_type != "GRACE":
-        raise CliError(f"{folder} is not a GRACE adapter: its {ADAPTER_CONFIG} has peft_type {peft_type!r}")
-    return config
+        return adapter_files.read_adapter_config(folder)
+    except AdapterFileError as error:
+        raise CliError(str(error)) from None
 
 
 def load_adapter(model: nn.Module, folder: str, *, is_trainable: bool) -> PeftModel:

@@ -15,7 +15,7 @@ from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer
 from .query import CallState
 from .registration import ADAPTER_PREFIX
 
-_PEFT_WRAPPER_PREFIX = "base_model.model."
+PEFT_WRAPPER_PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's module names
 
 
 class GraceModel(BaseTuner):
@@ -115,7 +115,7 @@ def grace_layers(model: nn.Module, adapter_name: str) -> dict[str, GraceLayer]:
     """The GRACE layers that hold ``adapter_name``, by module name in the transformers model (the names of
     ``target_modules`` and of ``adapter_config.json``, without the PeftModel's ``base_model.model.``)."""
     return {
-        name.removeprefix(_PEFT_WRAPPER_PREFIX): module
+        name.removeprefix(PEFT_WRAPPER_PREFIX): module
         for name, module in model.named_modules()
         if isinstance(module, GraceLayer) and adapter_name in module.grace_codebook
     }
