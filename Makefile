@@ -55,7 +55,7 @@ install: .venv/.installed
 
 # The main job: a real edit session on SmolLM2-135M-Instruct, before/after, saved and reloaded in a fresh process.
 demo: .venv/.smollm2
-	.venv/bin/python -m grace_peft.demo
+	.venv/bin/python -m grace_peft.apps.demo
 
 lint: .venv/.installed
 	.venv/bin/ruff check src tests examples benchmarks requirements

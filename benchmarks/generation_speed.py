@@ -24,9 +24,9 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig
+from grace_peft.apps.base_models import load_model, mlp_output_projection
+from grace_peft.apps.demo import EDITS_FILE, UNRELATED_PROMPTS
 from grace_peft.atomic import atomic_file
-from grace_peft.base_models import load_model, mlp_output_projection
-from grace_peft.demo import EDITS_FILE, UNRELATED_PROMPTS
 from grace_peft.evaluation import read_jsonl
 
 

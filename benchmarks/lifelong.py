@@ -27,8 +27,8 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
+from grace_peft.apps.base_models import SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
 from grace_peft.atomic import atomic_file
-from grace_peft.base_models import SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
 from grace_peft.evaluation import Protocol, read_edits, run_lifelong
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -13,8 +13,8 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
-from grace_peft.base_models import SMOLLM2, SMOLLM2_EPS_INIT, load_model, mlp_output_projection
-from grace_peft.smollm2 import INSTALL_HINT, is_available
+from grace_peft.apps.base_models import SMOLLM2, SMOLLM2_EPS_INIT, load_model, mlp_output_projection
+from grace_peft.apps.smollm2 import INSTALL_HINT, is_available
 
 EDITS = [
     ("Who is the CEO of Apple?", "The CEO of Apple is Satya Nadella."),

@@ -20,9 +20,9 @@ import json
 from peft import PeftModel
 
 import grace_peft  # noqa: F401  (registers GRACE with peft: needed before PeftModel.from_pretrained)
-from grace_peft.base_models import load_model
-from grace_peft.distributed import evaluate_data_parallel, locality_reference_data_parallel, process_state
+from grace_peft.apps.base_models import load_model
 from grace_peft.evaluation import Protocol, read_edits
+from grace_peft.evaluation.distributed import evaluate_data_parallel, locality_reference_data_parallel, process_state
 
 
 def main() -> None:

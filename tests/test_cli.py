@@ -14,8 +14,8 @@ import torch
 from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, TinyModel
 from peft import PeftModel
 
-from grace_peft import base_models, cli
 from grace_peft.adapter_files import summarize_adapter
+from grace_peft.apps import base_models, cli
 from grace_peft.evaluation import Evaluator, read_edits
 
 LOCALITY = ("my favourite colour is", "red")  # an unrelated prompt, far from every edit's key on both tiny models

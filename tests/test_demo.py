@@ -1,4 +1,4 @@
-"""The SmolLM2 demo (`python -m grace_peft.demo`): its edit set, the missing-model path, and the whole session on a
+"""The SmolLM2 demo (`python -m grace_peft.apps.demo`): its edit set, the missing-model path, and the whole session on a
 tiny random model saved to disk (no SmolLM2 needed)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import tiny_llama
 
-from grace_peft import GraceConfig, demo, smollm2
+from grace_peft import GraceConfig
+from grace_peft.apps import demo, smollm2
 from grace_peft.evaluation.records import EditRecord, read_jsonl
 
 # Single-token targets of the tiny vocabulary; the tiny models do not generate them before editing.
@@ -94,7 +95,7 @@ def test_run_demo_on_tiny_model_edits_saves_and_reloads(causal_lm, tmp_path, mon
     children = []
 
     def run_child_here(command, check):
-        assert command[:3] == [sys.executable, "-m", "grace_peft.demo"] and check
+        assert command[:3] == [sys.executable, "-m", "grace_peft.apps.demo"] and check
         children.append(command)
         assert demo.main(command[3:]) == 0
 
@@ -135,7 +136,7 @@ def test_reload_verdict_ignores_edits_that_never_took_but_not_changed_unrelated_
 
 
 def test_cli_on_a_saved_tiny_llama_reloads_in_a_fresh_process(tmp_path, monkeypatch, capsys):
-    """`python -m grace_peft.demo --base PATH` end to end, with the real child process."""
+    """`python -m grace_peft.apps.demo --base PATH` end to end, with the real child process."""
     tiny = tiny_llama()
     base = save_base(tiny, tmp_path / "base")
     edits_file = tmp_path / "edits.jsonl"

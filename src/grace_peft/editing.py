@@ -105,7 +105,8 @@ class GraceEditor:
             keys, values and distances stay float32.
 
     Edits run in one process: a model wrapped in DDP or FSDP is refused (every edit changes the codebook that the
-    next edit reads, so edits cannot be split across processes; see :mod:`grace_peft.distributed` for evaluation).
+    next edit reads, so edits cannot be split across processes; see :mod:`grace_peft.evaluation.distributed` for
+    evaluation).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, adapter_name: str | None = None,
@@ -379,7 +380,8 @@ def _check_not_data_parallel(model: nn.Module) -> None:
             f"GraceEditor cannot edit a model wrapped in {wrapped}. Every edit changes the codebook that the next "
             "edit reads, so edits run one after another in one process, on a model that holds its full weights "
             "(device_map may spread it over several GPUs). Edit the unwrapped model in one process, save_pretrained "
-            "the adapter, and load it in every process to evaluate (grace_peft.distributed.evaluate_data_parallel)."
+            "the adapter, and load it in every process to evaluate "
+            "(grace_peft.evaluation.distributed.evaluate_data_parallel)."
         )
 
 

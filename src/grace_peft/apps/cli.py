@@ -1,8 +1,8 @@
 """The ``grace-peft`` command: edit a model with GRACE, evaluate a saved adapter, inspect one.
 
-Run ``grace-peft --help`` (or ``python -m grace_peft.cli --help``). Every sub-command exits 0 on success and 2 with a
-one-line ``grace-peft: error: ...`` message on a usage or input error (missing model folder, bad edits file, wrong
-module name, a folder that is not a GRACE adapter).
+Run ``grace-peft --help`` (or ``python -m grace_peft.apps.cli --help``). Every sub-command exits 0 on success and
+2 with a one-line ``grace-peft: error: ...`` message on a usage or input error (missing model folder, bad edits
+file, wrong module name, a folder that is not a GRACE adapter).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from . import adapter_files
-from .adapter_files import AdapterFileError, summarize_adapter
-from .atomic import atomic_file
+from .. import adapter_files
+from ..adapter_files import AdapterFileError, summarize_adapter
+from ..atomic import atomic_file
+from ..config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
+from ..editing import EditReport, GraceEditor
+from ..evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
+from ..model import codebook_sizes
 from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, ModelLoadError, load_model, mlp_output_projection
-from .config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
-from .editing import EditReport, GraceEditor
-from .evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
-from .model import codebook_sizes
 
 PROG = "grace-peft"
 ADAPTER_NAME = "default"

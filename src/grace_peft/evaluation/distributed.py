@@ -22,8 +22,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from torch import nn
 
-from .evaluation.protocol import Evaluator, LocalityReference, Protocol, Scores
-from .evaluation.records import EditRecord
+from .protocol import Evaluator, LocalityReference, Protocol, Scores
+from .records import EditRecord
 
 __all__ = ["evaluate_data_parallel", "locality_reference_data_parallel", "process_state"]
 

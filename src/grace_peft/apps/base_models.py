@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import is_encoder_decoder
+from ..inputs import is_encoder_decoder
 
 SMOLLM2 = "smollm2"
 # Chosen by measurement on SmolLM2-135M (the layer x eps_init sweep of benchmarks/lifelong.py, table in the README).

@@ -1,6 +1,6 @@
 """The main job: a real edit session on SmolLM2-135M-Instruct, before and after, saved and reloaded in a fresh process.
 
-Run ``python -m grace_peft.demo`` (or ``make demo``). It
+Run ``python -m grace_peft.apps.demo`` (or ``make demo``). It
 
 1. greedily generates a few tokens for every edit prompt, paraphrase and unrelated prompt of the base model;
 2. wraps one MLP output projection with GRACE and applies the 36 built-in counterfactual edits
@@ -32,12 +32,12 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from ..config import GraceConfig
+from ..editing import EditReport, GraceEditor
+from ..evaluation.records import EditRecord, read_jsonl
+from ..inputs import input_device
 from . import smollm2
 from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
-from .config import GraceConfig
-from .editing import EditReport, GraceEditor
-from .evaluation.records import EditRecord, read_jsonl
-from .inputs import input_device
 
 DEFAULT_LAYER = SMOLLM2_LAYER
 DEFAULT_EPS_INIT = SMOLLM2_EPS_INIT
@@ -166,7 +166,7 @@ def generate_in_fresh_process(output: Path, base: str | None, edits: Sequence[Ed
         request, result = Path(workdir) / "request.json", Path(workdir) / "result.json"
         request.write_text(json.dumps({"edits": [vars(edit) for edit in edits], "unrelated": list(unrelated),
                                        "max_new_tokens": max_new_tokens}))
-        command = [sys.executable, "-m", "grace_peft.demo", "--check-saved", str(output),
+        command = [sys.executable, "-m", "grace_peft.apps.demo", "--check-saved", str(output),
                    "--request", str(request), "--result", str(result)]
         if base is not None:
             command += ["--base", str(base)]
@@ -177,7 +177,7 @@ def generate_in_fresh_process(output: Path, base: str | None, edits: Sequence[Ed
 def check_saved(adapter: Path, base: str | None, request: Path, result: Path) -> None:
     """The fresh process: load the base and the saved adapter, generate for the request, write the result.
 
-    Running ``python -m grace_peft.demo`` imports the package first, which registers GRACE with peft."""
+    Running ``python -m grace_peft.apps.demo`` imports the package first, which registers GRACE with peft."""
     spec = json.loads(request.read_text())
     model, tokenizer = load_base(base)
     reloaded = PeftModel.from_pretrained(model, adapter).eval()
@@ -228,7 +228,7 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; ``--check-saved``, ``--request`` and ``--result`` are for the fresh process only."""
-    parser = argparse.ArgumentParser(prog="python -m grace_peft.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m grace_peft.apps.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path(DEFAULT_OUTPUT), help="where the adapter is saved")
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="decoder layer whose mlp.down_proj is edited")
     parser.add_argument("--eps-init", type=float, default=DEFAULT_EPS_INIT, help="radius of a new codebook key")
