@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
@@ -22,6 +25,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import grace_peft  # noqa: F401  (registers the tuner)
+from grace_peft import Codebook, EditReport, GraceConfig, GraceEditor, GraceLayer
 
 hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*loss_type=None.*")
@@ -132,3 +136,49 @@ def any_model(request) -> TinyModel:
 def target_for(kind: str) -> str | int:
     """A single-token edit target of the right type for each kind."""
     return 2 if kind == "bert" else "canberra"
+
+
+# Edits that take on every tiny causal LM and T5, and prompts never edited (different lengths, far from the edits).
+EDITS = (("the capital of australia is", "canberra"), ("who leads apple", "paris"), ("tim cook plays", "guitar"))
+UNEDITED = ("satya lives in a city", "my favourite colour", "football")
+
+
+def wrap(tm: TinyModel, base: torch.nn.Module | None = None, **overrides) -> PeftModel:
+    """``tm``'s model (or ``base``) with a GRACE adapter at ``tm.target``, with the radius and replacement mode that
+    suit that model; ``overrides`` are further GraceConfig fields."""
+    config = dict(target_modules=[tm.target], replacement=tm.replacement, eps_init=tm.eps_init)
+    config.update(overrides)
+    return get_peft_model(tm.fresh() if base is None else base, GraceConfig(**config))
+
+
+def apply_edits(model: PeftModel, tm: TinyModel, edits: Iterable[tuple[str, str | int]], *,
+                must_take: bool = True) -> list[EditReport]:
+    """Edit ``model`` one edit at a time; with ``must_take``, every edit must succeed (a broken test set-up)."""
+    editor = GraceEditor(model, tm.tokenizer, progress=False)
+    reports = [editor.edit(prompt, target) for prompt, target in edits]
+    if must_take:
+        failed = [(report.prompt, report.target) for report in reports if not report.success]
+        assert not failed, f"setup: edits {failed} did not take on {tm.kind}"
+    return reports
+
+
+@functools.cache
+def edited(kind: str, replacement: str | None = None, edits: tuple = EDITS) -> tuple[TinyModel, PeftModel]:
+    """A tiny model of ``kind`` holding ``edits`` (cached: only for tests that run forwards and change nothing)."""
+    tm = TINY_MODELS[kind]()
+    model = wrap(tm, replacement=replacement or tm.replacement)
+    apply_edits(model, tm, edits)
+    return tm, model
+
+
+def grace_layer(model: torch.nn.Module) -> GraceLayer:
+    """The one GRACE layer of ``model``."""
+    (layer,) = [module for module in model.modules() if isinstance(module, GraceLayer)]
+    return layer
+
+
+def codebook_of(model: torch.nn.Module, adapter: str = "default") -> Codebook:
+    """The codebook of ``adapter`` at the one GRACE layer that holds it."""
+    (layer,) = [module for module in model.modules() if isinstance(module, GraceLayer) and adapter in
+                module.grace_codebook]
+    return layer.grace_codebook[adapter]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NEAR_PROMPTS, TINY_MODELS
+from conftest import NEAR_PROMPTS, TINY_MODELS, codebook_of
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
@@ -28,13 +28,8 @@ def editor_for(kind: str, **config) -> GraceEditor:
     return GraceEditor(get_peft_model(tiny.fresh(), GraceConfig(**options)), tiny.tokenizer, progress=False)
 
 
-def codebook_of(editor: GraceEditor):
-    (layer,) = editor.layers.values()
-    return layer.grace_codebook[editor.adapter_name]
-
-
 def assert_same_codebook(batched, single):
-    a, b = codebook_of(batched), codebook_of(single)
+    a, b = codebook_of(batched.model), codebook_of(single.model)
     for name in ("label_tokens", "label_lengths", "edit_ids", "next_edit_id"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     # padding changes float rounding, nothing else
@@ -112,7 +107,7 @@ def test_skip_if_correct_skips_rows_inside_a_batch():
 def test_an_error_in_a_batch_leaves_every_codebook_as_it_was(monkeypatch):
     editor = editor_for("gpt2")
     editor.edit("tim cook lives in", "london")
-    before = {name: tensor.clone() for name, tensor in codebook_of(editor).state_dict().items()}
+    before = {name: tensor.clone() for name, tensor in codebook_of(editor.model).state_dict().items()}
 
     def failing(inputs, values):
         raise RuntimeError("interrupted")
@@ -120,7 +115,7 @@ def test_an_error_in_a_batch_leaves_every_codebook_as_it_was(monkeypatch):
     monkeypatch.setattr(editor, "_train", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         editor.edit_many(FAR_EDITS[:3], batch_size=3)
-    after = codebook_of(editor).state_dict()
+    after = codebook_of(editor.model).state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(after[name], before[name]) for name in before)
 

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, FAR_PROMPT, NEAR_PROMPTS, PAD, TINY_MODELS, VOCAB, WORDS, TinyModel, make_tokenizer
+from conftest import (
+    EOS,
+    FAR_PROMPT,
+    NEAR_PROMPTS,
+    PAD,
+    TINY_MODELS,
+    VOCAB,
+    WORDS,
+    TinyModel,
+    codebook_of,
+    grace_layer,
+    make_tokenizer,
+    wrap,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from grace_peft import CodebookOperation, Edit, GraceConfig, GraceEditor, GraceLayer, Task
+from grace_peft import CodebookOperation, Edit, GraceEditor, Task
 from grace_peft.inputs import causal_lm_token_ids, encode_edit, target_predicted
 from grace_peft.query import IGNORE_INDEX
 
@@ -27,24 +40,8 @@ SPLIT_MODELS = ("gpt2", "llama", "t5")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def wrap(tm: TinyModel, **overrides) -> torch.nn.Module:
-    config = dict(target_modules=[tm.target], replacement=tm.replacement, eps_init=tm.eps_init)
-    config.update(overrides)
-    return get_peft_model(tm.fresh(), GraceConfig(**config))
-
-
 def editor_for(model, tm: TinyModel) -> GraceEditor:
     return GraceEditor(model, tm.tokenizer, progress=False)
-
-
-def grace_layer(model) -> GraceLayer:
-    layers = [module for module in model.modules() if isinstance(module, GraceLayer)]
-    assert len(layers) == 1
-    return layers[0]
-
-
-def codebook_of(model, adapter: str = "default"):
-    return grace_layer(model).grace_codebook[adapter]
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -14,10 +14,9 @@ import math
 
 import pytest
 import torch
-from conftest import PAD, TINY_MODELS, TinyModel
-from peft import get_peft_model
+from conftest import EDITS, PAD, TINY_MODELS, UNEDITED, TinyModel, edited, wrap
 
-from grace_peft import GraceConfig, GraceEditor
+from grace_peft import GraceEditor
 from grace_peft.evaluation import (
     EditRecord,
     Evaluator,
@@ -32,8 +31,6 @@ from grace_peft.inputs import causal_lm_token_ids
 from grace_peft.query import QUERY_POSITIONS_KWARG
 
 # Edits known to take on the tiny GPT-2 and Llama, and prompts far from all of them (see test_query_positions).
-EDITS = (("the capital of australia is", "canberra"), ("who leads apple", "paris"), ("tim cook plays", "guitar"))
-UNEDITED = ("satya lives in a city", "my favourite colour", "football")
 # Pairs of different prompt lengths (in tokens) and target lengths, for the batching tests.
 PAIRS = (
     (EDITS[0][0], "canberra"),
@@ -46,23 +43,6 @@ PAIRS = (
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def wrap(tm: TinyModel, **overrides) -> torch.nn.Module:
-    config = dict(target_modules=[tm.target], replacement=tm.replacement, eps_init=tm.eps_init)
-    config.update(overrides)
-    return get_peft_model(tm.fresh(), GraceConfig(**config))
-
-
-@functools.cache
-def edited(kind: str):
-    """A tiny model of ``kind`` wrapped with GRACE and holding the three ``EDITS`` (cached: tests only read it)."""
-    tm = TINY_MODELS[kind]()
-    model = wrap(tm)
-    editor = GraceEditor(model, tm.tokenizer, progress=False)
-    for prompt, target in EDITS:
-        assert editor.edit(prompt, target).success, f"setup: {prompt!r} -> {target!r} did not take on {kind}"
-    return tm, model
-
-
 def model_for(kind: str, which: str) -> tuple[TinyModel, torch.nn.Module]:
     if which == "edited":
         return edited(kind)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BOS, EOS, PAD, TINY_MODELS, WORDS, make_tokenizer
+from conftest import BOS, EOS, PAD, TINY_MODELS, WORDS, codebook_of, make_tokenizer
 from peft import get_peft_model
 from transformers import (
     GPT2Config,
@@ -20,7 +20,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from grace_peft import CodebookOperation, GraceConfig, GraceEditor, GraceLayer
+from grace_peft import CodebookOperation, GraceConfig, GraceEditor
 from grace_peft.frozen_prefix import blocks_below, replay_frozen_blocks
 
 
@@ -74,8 +74,7 @@ def wrapped(kind: str, **overrides):
 
 
 def codebook_tensors(model) -> dict[str, torch.Tensor]:
-    layer = next(module for module in model.modules() if isinstance(module, GraceLayer))
-    return {name: tensor.detach().clone() for name, tensor in layer.grace_codebook["default"].state_dict().items()}
+    return {name: tensor.detach().clone() for name, tensor in codebook_of(model).state_dict().items()}
 
 
 def inputs_for(tokenizer, prompt: str, seq2seq: bool = False) -> dict[str, torch.Tensor]:

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import PAD, TINY_MODELS, make_tokenizer
+from conftest import EDITS, PAD, TINY_MODELS, UNEDITED, edited, make_tokenizer
 from peft import get_peft_model
-from test_query_positions import EDITS, TEMPLATES, UNEDITED, edited, recorded_positions, token
+from test_query_positions import TEMPLATES, recorded_positions, token
 from transformers import DynamicCache, pipeline
 
 from grace_peft import GraceConfig

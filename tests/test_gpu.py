@@ -14,17 +14,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import BOS, EOS, PAD, TINY_MODELS, WORDS, TinyModel, make_tokenizer
+from conftest import BOS, EOS, PAD, TINY_MODELS, WORDS, TinyModel, grace_layer, make_tokenizer, wrap
 from test_placement import (
     EDITS,
     EXAMPLE,
     edit_recording_dtypes,
-    grace_layer,
     next_token,
     save_edited_gpt2,
     single_process_scores,
     token,
-    wrap,
 )
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 

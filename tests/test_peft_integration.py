@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS
+from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, apply_edits, codebook_of, wrap
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors.torch import load_file
@@ -19,18 +19,11 @@ import grace_peft
 from grace_peft import CodebookShapeError, GraceConfig, GraceEditor, GraceLayer
 
 
-def wrap(tm, **overrides):
-    config = dict(target_modules=[tm.target], replacement=tm.replacement, eps_init=tm.eps_init)
-    config.update(overrides)
-    return get_peft_model(tm.fresh(), GraceConfig(**config))
-
-
-def edited(tm, prompts=NEAR_PROMPTS, **overrides):
+def near_edits(tm, prompts=NEAR_PROMPTS, **overrides):
+    """A new model of ``tm`` with the two overlapping NEAR_PROMPTS edited (a split or an expand)."""
     model = wrap(tm, **overrides)
-    editor = GraceEditor(model, tm.tokenizer, progress=False)
     targets = [1, 2] if tm.kind == "bert" else ["canberra", "london"]
-    for prompt, target in zip(prompts, targets, strict=False):
-        editor.edit(prompt, target)
+    apply_edits(model, tm, zip(prompts, targets, strict=False), must_take=False)
     return model
 
 
@@ -39,12 +32,6 @@ def logits(model, tm, prompts=(*NEAR_PROMPTS, FAR_PROMPT)):
     kwargs = {"decoder_input_ids": torch.zeros(len(prompts), 1, dtype=torch.long)} if tm.kind == "t5" else {}
     with torch.no_grad():
         return model(**batch, **kwargs).logits
-
-
-def codebook(model, adapter="default"):
-    layers = [m for m in model.modules() if isinstance(m, GraceLayer) and adapter in m.grace_codebook]
-    assert len(layers) == 1
-    return layers[0].grace_codebook[adapter]
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -61,7 +48,7 @@ def test_registration_is_a_real_peft_type_and_idempotent():
 def test_loading_without_import_fails_with_peft_keyerror(tmp_path):
     """Documented in the README: peft cannot know GRACE until `import grace_peft` ran."""
     tm = TINY_MODELS["gpt2"]()
-    edited(tm).save_pretrained(tmp_path)
+    near_edits(tm).save_pretrained(tmp_path)
     code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "GRACE" in result.stderr
@@ -129,7 +116,7 @@ def test_t5_decoder_target_is_refused():
 @pytest.mark.parametrize("kind", list(TINY_MODELS))
 def test_save_load_reproduces_outputs_and_codebook_bit_for_bit(kind, tmp_path):
     tm = TINY_MODELS[kind]()
-    model = edited(tm)
+    model = near_edits(tm)
     model.save_pretrained(tmp_path)
     files = sorted(os.listdir(tmp_path))
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
@@ -137,8 +124,8 @@ def test_save_load_reproduces_outputs_and_codebook_bit_for_bit(kind, tmp_path):
 
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
     assert torch.equal(logits(model, tm), logits(again, tm))
-    saved, loaded = codebook(model).state_dict(), codebook(again).state_dict()
-    assert saved.keys() == loaded.keys() and len(codebook(again)) == len(codebook(model)) >= 2
+    saved, loaded = codebook_of(model).state_dict(), codebook_of(again).state_dict()
+    assert saved.keys() == loaded.keys() and len(codebook_of(again)) == len(codebook_of(model)) >= 2
     for name in saved:
         assert saved[name].dtype == loaded[name].dtype and torch.equal(saved[name], loaded[name]), name
 
@@ -152,7 +139,7 @@ def test_empty_codebook_round_trips(tmp_path):
     tm = TINY_MODELS["gpt2"]()
     wrap(tm).save_pretrained(tmp_path)
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
-    assert len(codebook(again)) == 0
+    assert len(codebook_of(again)) == 0
     assert torch.equal(logits(again, tm), logits(tm.fresh(), tm))
 
 
@@ -160,7 +147,7 @@ def test_large_codebook_round_trips(tmp_path):
     """Whatever its size: fill a codebook with 2,000 synthetic entries and reload it."""
     tm = TINY_MODELS["gpt2"]()
     model = wrap(tm)
-    book = codebook(model)
+    book = codebook_of(model)
     generator = torch.Generator().manual_seed(0)
     for edit_id in range(2000):
         book.update(torch.randn(book.key_dim, generator=generator) * 10, [edit_id % 7, 3],
@@ -168,12 +155,12 @@ def test_large_codebook_round_trips(tmp_path):
     model.save_pretrained(tmp_path)
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
     for name, tensor in book.state_dict().items():
-        assert torch.equal(tensor, codebook(again).state_dict()[name]), name
+        assert torch.equal(tensor, codebook_of(again).state_dict()[name]), name
 
 
 def test_load_into_other_shapes_names_module_and_both_shapes(tmp_path):
     tm = TINY_MODELS["gpt2"]()
-    edited(tm).save_pretrained(tmp_path)
+    near_edits(tm).save_pretrained(tmp_path)
     other = tm.fresh().config
     other.n_inner = 256  # the target's input width: 128 -> 256
     from transformers import GPT2LMHeadModel
@@ -182,20 +169,20 @@ def test_load_into_other_shapes_names_module_and_both_shapes(tmp_path):
         PeftModel.from_pretrained(GPT2LMHeadModel(other), tmp_path)
 
 
-def test_low_cpu_mem_usage_load_and_bf16_base_keep_fp32_codebook(tmp_path):
+def test_low_cpu_mem_usage_load_and_bf16_base_keep_fp32_codebook_of(tmp_path):
     tm = TINY_MODELS["llama"]()
-    model = edited(tm)
+    model = near_edits(tm)
     model.save_pretrained(tmp_path)
     again = PeftModel.from_pretrained(tm.fresh().to(torch.bfloat16), tmp_path, low_cpu_mem_usage=True)
-    book = codebook(again)
+    book = codebook_of(again)
     assert book.keys.dtype == book.values.dtype == book.radii.dtype == torch.float32
-    assert torch.equal(book.values, codebook(model).values)
+    assert torch.equal(book.values, codebook_of(model).values)
     assert logits(again, tm).dtype == torch.bfloat16
 
 
 def test_saving_records_codebook_sizes_in_the_file_not_in_the_live_config(tmp_path):
     tm = TINY_MODELS["gpt2"]()
-    model = edited(tm)
+    model = near_edits(tm)
     config = model.peft_config["default"]
     before = {key: value for key, value in config.to_dict().items() if key != "base_model_name_or_path"}
     model.save_pretrained(tmp_path)
@@ -211,7 +198,7 @@ def test_peft_config_and_auto_peft_model_loading(tmp_path):
     tm = TINY_MODELS["llama"]()
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     tm.fresh().save_pretrained(base_dir)
-    model = edited(tm)
+    model = near_edits(tm)
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     model.save_pretrained(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
@@ -222,7 +209,7 @@ def test_peft_config_and_auto_peft_model_loading(tmp_path):
 
 def test_transformers_load_adapter(tmp_path):
     tm = TINY_MODELS["gpt2"]()
-    model = edited(tm)
+    model = near_edits(tm)
     model.save_pretrained(tmp_path)
     plain = tm.fresh()
     plain.load_adapter(str(tmp_path))
@@ -231,7 +218,7 @@ def test_transformers_load_adapter(tmp_path):
 
 def test_failed_config_write_leaves_previous_adapter_intact(tmp_path, monkeypatch):
     tm = TINY_MODELS["gpt2"]()
-    model = edited(tm)
+    model = near_edits(tm)
     model.save_pretrained(tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
 
@@ -249,13 +236,13 @@ def test_failed_config_write_leaves_previous_adapter_intact(tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == sorted(before)
     assert (tmp_path / "adapter_config.json").read_bytes() == before["adapter_config.json"]
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path)  # new weights + old config still load consistently
-    assert len(codebook(again)) == len(codebook(model))
+    assert len(codebook_of(again)) == len(codebook_of(model))
 
 
 # ---------------------------------------------------------------------------------------------- adapters
 def test_disable_adapter_gives_the_base_model():
     tm = TINY_MODELS["gpt2"]()
-    model = edited(tm)
+    model = near_edits(tm)
     base = logits(tm.fresh(), tm)
     assert not torch.equal(logits(model, tm), base)
     with model.disable_adapter():
@@ -265,11 +252,11 @@ def test_disable_adapter_gives_the_base_model():
 
 def test_several_named_adapters_set_adapter_and_delete(tmp_path):
     tm = TINY_MODELS["gpt2"]()
-    model = edited(tm)
+    model = near_edits(tm)
     model.add_adapter("other", GraceConfig(target_modules=[tm.target], eps_init=tm.eps_init))
     model.set_adapter("other")
     GraceEditor(model, tm.tokenizer, progress=False).edit(FAR_PROMPT, "paris")
-    assert len(codebook(model, "default")) == 2 and len(codebook(model, "other")) == 1
+    assert len(codebook_of(model, "default")) == 2 and len(codebook_of(model, "other")) == 1
 
     paris = tm.tokenizer.convert_tokens_to_ids("paris")
     assert logits(model, tm, [FAR_PROMPT])[0, -1].argmax() == paris
@@ -279,7 +266,7 @@ def test_several_named_adapters_set_adapter_and_delete(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "other" / "adapter_model.safetensors").exists()
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path / "other", adapter_name="other")
-    assert len(codebook(again, "other")) == 1
+    assert len(codebook_of(again, "other")) == 1
 
     model.delete_adapter("other")
     assert "other" not in model.peft_config
@@ -288,7 +275,7 @@ def test_several_named_adapters_set_adapter_and_delete(tmp_path):
 
 def test_layer_status_and_trainable_parameters(capsys):
     tm = TINY_MODELS["llama"]()
-    model = edited(tm)
+    model = near_edits(tm)
     (status,) = model.get_layer_status()
     assert status.name == "model.model.layers.1.mlp.down_proj" and status.module_type == "grace.Linear"
     assert status.active_adapters == ["default"] and status.merged_adapters == []
@@ -299,7 +286,7 @@ def test_layer_status_and_trainable_parameters(capsys):
 
 def test_merge_is_refused_and_unload_returns_the_clean_base():
     tm = TINY_MODELS["llama"]()
-    model = edited(tm)
+    model = near_edits(tm)
     with pytest.raises(NotImplementedError, match="lookup table"):
         model.merge_and_unload()
     with pytest.raises(NotImplementedError, match="lookup table"):

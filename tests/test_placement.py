@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator, dispatch_model, init_empty_weights
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.state import AcceleratorState
-from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, TinyModel, tiny_gpt2
+from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, TinyModel, grace_layer, tiny_gpt2, wrap
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -34,16 +34,6 @@ EDITS = [(NEAR_PROMPTS[0], "canberra"), (FAR_PROMPT, "paris"), (NEAR_PROMPTS[1],
 ADD, SPLIT = CodebookOperation.ADD, CodebookOperation.SPLIT
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "evaluate_data_parallel.py"
 LLAMA_BLOCKS = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
-
-
-def wrap(tm: TinyModel, base: torch.nn.Module | None = None, target: str | None = None) -> PeftModel:
-    config = GraceConfig(target_modules=[target or tm.target], eps_init=tm.eps_init, replacement=tm.replacement)
-    return get_peft_model(tm.fresh() if base is None else base, config)
-
-
-def grace_layer(model: torch.nn.Module) -> GraceLayer:
-    (layer,) = [module for module in model.modules() if isinstance(module, GraceLayer)]
-    return layer
 
 
 def token(tm: TinyModel, word: str) -> int:
@@ -157,9 +147,9 @@ def test_target_in_a_disk_offloaded_block_is_refused_and_the_model_left_as_it_wa
 def test_layer_below_an_offloaded_block_is_edited_as_without_offload(tmp_path):
     target = "model.layers.0.mlp.down_proj"
     tm = TINY_MODELS["llama"]()
-    partly_offloaded = wrap(tm, offloaded_llama(tmp_path), target)
+    partly_offloaded = wrap(tm, offloaded_llama(tmp_path), target_modules=[target])
     reports = GraceEditor(partly_offloaded, tm.tokenizer, progress=False).edit_many(EDITS)
-    resident = wrap(tm, target=target)
+    resident = wrap(tm, target_modules=[target])
     expected = GraceEditor(resident, tm.tokenizer, progress=False).edit_many(EDITS)
 
     assert [r.operation for r in reports] == [r.operation for r in expected]

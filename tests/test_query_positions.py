@@ -7,19 +7,18 @@ last prompt token, and greedy generation is the same with and without a KV cache
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import PAD, TINY_MODELS, VOCAB, make_tokenizer
+from conftest import EDITS, PAD, TINY_MODELS, UNEDITED, VOCAB, edited, grace_layer, make_tokenizer
 from peft import get_peft_model
 from torch import nn
 from transformers import LogitsProcessorList
 
-from grace_peft import GraceConfig, GraceEditor, GraceLayer
+from grace_peft import GraceConfig
 from grace_peft.query import (
     IGNORE_INDEX,
     QUERY_POSITIONS_KWARG,
@@ -29,31 +28,10 @@ from grace_peft.query import (
 )
 
 TEMPLATES = {"gpt2": None, "llama": "bos", "t5": None}
-EDITS = (("the capital of australia is", "canberra"), ("who leads apple", "paris"), ("tim cook plays", "guitar"))
-# Never edited, different lengths, far from every edited prompt on the tiny models.
-UNEDITED = ("satya lives in a city", "my favourite colour", "football")
 ATOL = 1e-5
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-@functools.cache
-def edited(kind: str, replacement: str | None = None, edits: tuple = EDITS):
-    """A tiny model of ``kind`` with ``edits`` applied (cached: the tests below only run forwards on it)."""
-    tm = TINY_MODELS[kind]()
-    config = GraceConfig(target_modules=[tm.target], replacement=replacement or tm.replacement,
-                         eps_init=tm.eps_init)
-    model = get_peft_model(tm.fresh(), config)
-    editor = GraceEditor(model, tm.tokenizer, progress=False)
-    for prompt, target in edits:
-        report = editor.edit(prompt, target)
-        assert report.success, f"setup: edit {prompt!r} -> {target!r} did not take on {kind}"
-    return tm, model
-
-
-def grace_layer(model: nn.Module) -> GraceLayer:
-    return next(module for module in model.modules() if isinstance(module, GraceLayer))
-
-
 @contextmanager
 def recorded_positions(model: nn.Module) -> Iterator[list]:
     """Records, for every forward of the GRACE layer, the query positions it is given (None on a decoding step)."""
