@@ -182,3 +182,11 @@ def codebook_of(model: torch.nn.Module, adapter: str = "default") -> Codebook:
     (layer,) = [module for module in model.modules() if isinstance(module, GraceLayer) and adapter in
                 module.grace_codebook]
     return layer.grace_codebook[adapter]
+
+
+def batch_logits(model: torch.nn.Module, tm: TinyModel, prompts=(*NEAR_PROMPTS, FAR_PROMPT)) -> torch.Tensor:
+    """Logits of ``prompts`` as one padded batch (T5: of one decoder step)."""
+    batch = tm.tokenizer(list(prompts), return_tensors="pt", padding=True)
+    kwargs = {"decoder_input_ids": torch.zeros(len(prompts), 1, dtype=torch.long)} if tm.kind == "t5" else {}
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
