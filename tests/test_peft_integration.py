@@ -136,7 +136,8 @@ def test_load_into_other_shapes_names_module_and_both_shapes(tmp_path):
     other.n_inner = 256  # the target's input width: 128 -> 256
     from transformers import GPT2LMHeadModel
 
-    with pytest.raises(CodebookShapeError, match=r"'transformer\.h\.1\.mlp\.c_proj'.*\(2, 128\).*256"):
+    shape_error = r"'base_model\.model\.transformer\.h\.1\.mlp\.c_proj'.*\(2, 128\).*256"
+    with pytest.raises(CodebookShapeError, match=shape_error):
         PeftModel.from_pretrained(GPT2LMHeadModel(other), tmp_path)
 
 

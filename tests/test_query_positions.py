@@ -322,7 +322,7 @@ def greedy(model, inputs, use_cache: bool, new: int = 5, scores: bool = False):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generation_same_with_and_without_cache(kind, replacement):
     tm, model = edited(kind, replacement)
-    context = model.base_model._call_state
+    context = grace_layer(model).call_state
     for prompt in (EDITS[0][0], UNEDITED[0]):
         inputs = dict(tm.tokenizer(prompt, return_tensors="pt"))
         n = inputs["input_ids"].shape[1]
@@ -385,7 +385,7 @@ def test_generation_on_t5_runs_encoder_once_and_applies_edit():
     with model.disable_adapter():
         base = greedy(model, inputs, use_cache=True, new=3)
     assert base[0, 1] != token(EDITS[0][1])
-    assert model.base_model._call_state.current is None
+    assert grace_layer(model).call_state.current is None
     unedited = dict(tm.tokenizer(UNEDITED[0], return_tensors="pt"))
     ours = greedy(model, unedited, use_cache=True, new=3)
     with model.disable_adapter():
@@ -394,7 +394,7 @@ def test_generation_on_t5_runs_encoder_once_and_applies_edit():
 
 def test_positions_reset_after_generate():
     tm, model = edited("gpt2")
-    context = model.base_model._call_state
+    context = grace_layer(model).call_state
     short = dict(tm.tokenizer(EDITS[1][0], return_tensors="pt"))  # 3 tokens
     greedy(model, short, use_cache=False)
     assert context.current is None
@@ -417,7 +417,7 @@ def fail_after_first_step(input_ids, scores):
 
 def test_positions_reset_after_a_generate_that_raises():
     tm, model = edited("gpt2")
-    context = model.base_model._call_state
+    context = grace_layer(model).call_state
     short = dict(tm.tokenizer(EDITS[1][0], return_tensors="pt"))
     with recorded_positions(model) as seen, pytest.raises(Boom):
         model.generate(**short, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=PAD,
@@ -460,8 +460,12 @@ def test_target_off_the_token_path_raises(module):
 def test_failed_forward_leaves_no_stale_query():
     tm = TINY_MODELS["gpt2"]()
     model = get_peft_model(tm.fresh(), GraceConfig(target_modules=[tm.target], eps_init=tm.eps_init))
-    context = model.base_model._call_state
+    context = grace_layer(model).call_state
     ids = torch.tensor([tm.tokenizer(EDITS[1][0])["input_ids"]])
     with pytest.raises(RuntimeError):  # fails inside the model, after the query pre-hook ran
         model(input_ids=ids, position_ids=torch.zeros(1, 7, dtype=torch.long))
     assert context.current is None
+    # the layer on its own queries the last token of its input again (the failed call's positions are gone)
+    layer = grace_layer(model)
+    inputs = torch.randn(1, 2, layer.in_features)
+    torch.testing.assert_close(layer(inputs), layer.get_base_layer()(inputs), atol=ATOL, rtol=0)

@@ -265,7 +265,7 @@ class Codebook(nn.Module):
         for name in present:
             saved, current = state_dict[prefix + name], getattr(self, name)
             if saved.dim() != current.dim() or saved.shape[1:] != current.shape[1:]:
-                module = prefix.removeprefix("base_model.model.").split(".grace_codebook.")[0]
+                module = prefix.split(".grace_codebook.")[0]  # the wrapping module, as the loading model names it
                 needed = ", ".join(["n", *map(str, current.shape[1:])])
                 raise CodebookShapeError(
                     f"The GRACE codebook saved for module '{module}' does not fit this model: its '{name}' has shape "
