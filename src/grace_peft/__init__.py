@@ -5,7 +5,14 @@
 import changes outside grace_peft is listed in :mod:`grace_peft.registration`.
 """
 
-from .codebook import Codebook, CodebookOperation, CodebookShapeError, CodebookUpdate, ExpandRule
+from .codebook import (
+    Codebook,
+    CodebookContentError,
+    CodebookOperation,
+    CodebookShapeError,
+    CodebookUpdate,
+    ExpandRule,
+)
 from .config import GraceConfig
 from .editing import EditReport, GraceEditor
 from .hub import model_card, push_edits
@@ -20,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Codebook",
+    "CodebookContentError",
     "CodebookOperation",
     "CodebookShapeError",
     "CodebookUpdate",

@@ -25,7 +25,8 @@ from enum import Enum
 import torch
 from torch import nn
 
-__all__ = ["Codebook", "CodebookOperation", "CodebookShapeError", "CodebookUpdate", "ExpandRule"]
+__all__ = ["Codebook", "CodebookContentError", "CodebookOperation", "CodebookShapeError", "CodebookUpdate",
+           "ExpandRule"]
 
 
 class CodebookOperation(str, Enum):
@@ -47,6 +48,10 @@ class ExpandRule(str, Enum):
 
 class CodebookShapeError(ValueError):
     """A saved codebook does not fit the layer it is loaded into."""
+
+
+class CodebookContentError(ValueError):
+    """A saved codebook holds values no codebook can have (NaN keys, negative radii, float labels, ...)."""
 
 
 @dataclass(frozen=True)
@@ -262,10 +267,10 @@ class Codebook(nn.Module):
         # A codebook grows: resize along dim 0 to the saved size before torch compares shapes. Check every tensor
         # first, so that a refused load changes nothing.
         present = [name for name in _FLOAT_TENSORS + _INT_TENSORS if prefix + name in state_dict]
+        module = prefix.split(".grace_codebook.")[0]  # the wrapping module, as the loading model names it
         for name in present:
             saved, current = state_dict[prefix + name], getattr(self, name)
             if saved.dim() != current.dim() or saved.shape[1:] != current.shape[1:]:
-                module = prefix.split(".grace_codebook.")[0]  # the wrapping module, as the loading model names it
                 needed = ", ".join(["n", *map(str, current.shape[1:])])
                 raise CodebookShapeError(
                     f"The GRACE codebook saved for module '{module}' does not fit this model: its '{name}' has shape "
@@ -273,9 +278,52 @@ class Codebook(nn.Module):
                     f" (layer input width {self.key_dim}, output width {self.value_dim}). The adapter was saved for a "
                     "model with other layer shapes; load it onto the base model it was made for."
                 )
+        saved = {name: state_dict[prefix + name] for name in (*present, "next_edit_id") if prefix + name in state_dict}
+        problem = _content_problem(saved)
+        if problem is not None:
+            raise CodebookContentError(
+                f"The GRACE codebook saved for module '{module}' is corrupt: {problem}. The adapter file is damaged "
+                "or was not written by grace_peft; load a good copy (nothing was changed)."
+            )
+        for name, tensor in saved.items():  # a loader that assigns tensors (low_cpu_mem_usage) keeps saved dtypes
+            state_dict[prefix + name] = tensor.to(torch.float32 if name in _FLOAT_TENSORS else torch.int64)
         for name in present:
             rows = state_dict[prefix + name].shape[0]
             if rows != getattr(self, name).shape[0]:
                 self._resize_to(name, rows)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def _content_problem(saved: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the tensors of a saved codebook (``None`` when nothing is)."""
+    for name, tensor in saved.items():
+        floating = name in _FLOAT_TENSORS
+        if floating and not tensor.is_floating_point():
+            return f"its '{name}' has dtype {tensor.dtype}, not a floating dtype"
+        if not floating and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+            return f"its '{name}' has dtype {tensor.dtype}, not an integer dtype"
+        if floating and not bool(torch.isfinite(tensor).all()):
+            return f"its '{name}' holds NaN or infinite numbers"
+    rows = {name: saved[name].shape[0] for name in (*_FLOAT_TENSORS, "label_lengths", "edit_ids") if name in saved}
+    if len(set(rows.values())) > 1:
+        return f"its tensors disagree on the number of entries ({rows})"
+    if "radii" in saved and bool((saved["radii"] < 0).any()):
+        return "its 'radii' holds negative radii"
+    if "label_lengths" in saved:
+        lengths = saved["label_lengths"]
+        if bool((lengths < 1).any()):
+            return "its 'label_lengths' holds an entry without label tokens"
+        if "label_tokens" in saved and int(lengths.sum()) != saved["label_tokens"].shape[0]:
+            return (f"its 'label_lengths' add up to {int(lengths.sum())} label tokens, but 'label_tokens' holds "
+                    f"{saved['label_tokens'].shape[0]}")
+    if "edit_ids" in saved:
+        ids = saved["edit_ids"]
+        if ids.numel() != torch.unique(ids).numel():
+            return "its 'edit_ids' repeat an id (each entry is created by its own edit)"
+        if ids.numel() and int(ids.min()) < 0:
+            return "its 'edit_ids' hold a negative id"
+        if "next_edit_id" in saved and ids.numel() and int(ids.max()) >= int(saved["next_edit_id"]):
+            return (f"its 'edit_ids' hold id {int(ids.max())}, not below its 'next_edit_id' "
+                    f"{int(saved['next_edit_id'])}")
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ from .registration import ADAPTER_PREFIX
 PEFT_WRAPPER_PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's module names
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
 class GraceModel(BaseTuner):
     """Creates a GRACE model (lifelong editing with a codebook at chosen layers) from a transformers model.
 
@@ -31,12 +35,19 @@ class GraceModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------------------------------ injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Every adapter (the first one and each add_adapter) is checked whole before any module is replaced, so
+        # that a refusal leaves the model as it was.
+        config = self.peft_config[adapter_name]
+        _check_adapter_name(adapter_name)
+        _check_targets_exist(model, config)
+        _check_targets_can_be_wrapped(model, config)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _pre_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
         if "_call_state" not in self.__dict__:
             self._call_state = CallState(labels_mark_targets=_is_decoder_lm(model))
             self._query_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        _check_targets_exist(model, config)
-        _check_targets_not_offloaded(model, config)
 
     def _prepare_adapter_config(self, peft_config: GraceConfig, model_config: dict) -> GraceConfig:
         if peft_config.target_modules is None:
@@ -52,12 +63,6 @@ class GraceModel(BaseTuner):
         if isinstance(target, GraceLayer):
             target.update_layer(adapter_name, peft_config, codebook_shape)
             return
-        if not supported_base_layer(target):
-            raise TypeError(
-                f"GRACE wraps nn.Linear and transformers Conv1D modules, but target '{current_key}' is a "
-                f"{type(target).__name__}. Target a projection inside it (for example its MLP down/output projection)."
-            )
-        _check_sees_input_tokens(self.model, target, current_key)
         new_module = Linear(target, adapter_name, peft_config, codebook_shape)
         new_module.call_state = self._call_state
         if adapter_name not in self.active_adapters:
@@ -161,13 +166,29 @@ def _check_sees_input_tokens(model: nn.Module, target: nn.Module, name: str) -> 
             )
 
 
-def _check_targets_not_offloaded(model: nn.Module, config: GraceConfig) -> None:
+def _check_adapter_name(name: str) -> None:
+    """An adapter name becomes a folder name on save: refuse anything but a plain name."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"{name!r} cannot be an adapter name: save_pretrained makes it a folder name, so it must be a plain name "
+            "(letters, digits, '_', '-', '.'; no path separators, not '.' or '..'), e.g. 'default' or 'team-a'."
+        )
+
+
+def _check_targets_can_be_wrapped(model: nn.Module, config: GraceConfig) -> None:
     """Check every target before any module is replaced, so that a refusal leaves the model as it was."""
     if config.target_modules is None:
         return
     for name, module in model.named_modules():
-        if name and supported_base_layer(module) and check_target_module_exists(config, name):
-            _check_not_offloaded(model, module, name)
+        if not name or isinstance(module, GraceLayer) or not check_target_module_exists(config, name):
+            continue
+        if not supported_base_layer(module):
+            raise TypeError(
+                f"GRACE wraps nn.Linear and transformers Conv1D modules, but target '{name}' is a "
+                f"{type(module).__name__}. Target a projection inside it (for example its MLP down/output projection)."
+            )
+        _check_sees_input_tokens(model, module, name)
+        _check_not_offloaded(model, module, name)
 
 
 def _check_not_offloaded(model: nn.Module, target: nn.Module, name: str) -> None:

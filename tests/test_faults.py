@@ -1,0 +1,122 @@
+"""Bad input and damaged files: a table of corruptions of a saved codebook, each refused on load with one error
+that names the module and the tensor; refused injections that wrap nothing; adapter names that are not names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NEAR_PROMPTS, TINY_MODELS, apply_edits, batch_logits, codebook_of, target_for, wrap
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from grace_peft import CodebookContentError, GraceConfig, GraceLayer
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _key(tensors: dict[str, torch.Tensor], name: str) -> str:
+    (key,) = [key for key in tensors if key.endswith(f".grace_codebook.{name}")]
+    return key
+
+
+def _set(name: str, change):
+    """A corruption: replace tensor ``name`` by ``change(tensor)``."""
+    def corrupt(tensors):
+        tensors[_key(tensors, name)] = change(tensors[_key(tensors, name)].clone())
+    return corrupt
+
+
+def _first(value):
+    def change(tensor):
+        tensor.view(-1)[0] = value
+        return tensor
+    return change
+
+
+CORRUPTIONS = {
+    "nan-key": (_set("keys", _first(float("nan"))), "'keys' holds NaN or infinite"),
+    "inf-value": (_set("values", _first(float("inf"))), "'values' holds NaN or infinite"),
+    "negative-radius": (_set("radii", _first(-1.0)), "'radii' holds negative radii"),
+    "nan-radius": (_set("radii", _first(float("nan"))), "'radii' holds NaN or infinite"),
+    "float-labels": (_set("label_tokens", lambda tensor: tensor.float()), "'label_tokens' has dtype torch.float32"),
+    "float-edit-ids": (_set("edit_ids", lambda tensor: tensor.double()), "'edit_ids' has dtype torch.float64"),
+    "integer-keys": (_set("keys", lambda tensor: tensor.long()), "'keys' has dtype torch.int64"),
+    "lengths-do-not-add-up": (_set("label_lengths", lambda tensor: tensor + 1), "'label_lengths' add up to"),
+    "empty-label": (_set("label_lengths", _first(0)), "an entry without label tokens"),
+    "duplicate-edit-ids": (_set("edit_ids", torch.zeros_like), "repeat an id"),
+    "negative-edit-id": (_set("edit_ids", _first(-3)), "negative id"),
+    "edit-id-past-next": (_set("next_edit_id", torch.zeros_like), "not below its 'next_edit_id'"),
+    "rows-disagree": (_set("radii", lambda tensor: tensor[:1]), "disagree on the number of entries"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tm = TINY_MODELS["gpt2"]()
+    model = wrap(tm)
+    apply_edits(model, tm, [(NEAR_PROMPTS[0], target_for("gpt2")), ("who leads apple", "paris")])
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(folder)
+    return tm, model, folder
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupt_codebook_is_refused_naming_module_and_tensor(saved, tmp_path, corruption, low_cpu_mem_usage):
+    tm, _, folder = saved
+    corrupt, message = CORRUPTIONS[corruption]
+    tensors = load_file(folder / WEIGHTS)
+    corrupt(tensors)
+    (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    save_file(tensors, tmp_path / WEIGHTS)
+    with pytest.raises(CodebookContentError, match=r"'base_model\.model\.transformer\.h\.1\.mlp\.c_proj' is corrupt"
+                                                   r".*" + message.replace("(", r"\(").replace(")", r"\)")):
+        PeftModel.from_pretrained(tm.fresh(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def test_saved_dtypes_are_made_float32_and_int64_on_every_loader(saved, tmp_path):
+    """A file written with float64 keys and int32 ids (by another tool) loads into the codebook's own dtypes."""
+    tm, model, folder = saved
+    tensors = load_file(folder / WEIGHTS)
+    for key, tensor in list(tensors.items()):
+        tensors[key] = tensor.double() if tensor.is_floating_point() else tensor.int()
+    (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    save_file(tensors, tmp_path / WEIGHTS)
+    for low_cpu_mem_usage in (False, True):
+        again = PeftModel.from_pretrained(tm.fresh(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        book = codebook_of(again)
+        assert {book.keys.dtype, book.values.dtype, book.radii.dtype} == {torch.float32}
+        assert {book.label_tokens.dtype, book.edit_ids.dtype, book.next_edit_id.dtype} == {torch.int64}
+        assert torch.equal(batch_logits(again, tm), batch_logits(model, tm))
+
+
+def test_a_refused_injection_wraps_nothing():
+    """One target GRACE cannot wrap (a LayerNorm) next to one it can: the model is left without any GRACE layer."""
+    tm = TINY_MODELS["gpt2"]()
+    base = tm.fresh()
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    with pytest.raises(TypeError, match="'transformer.ln_f' is a LayerNorm"):
+        get_peft_model(base, GraceConfig(target_modules=["h.1.mlp.c_proj", "transformer.ln_f"]))
+    assert not any(isinstance(module, GraceLayer) for module in base.modules())
+    after = base.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_an_encoder_and_a_decoder_target_of_t5_wrap_nothing():
+    tm = TINY_MODELS["t5"]()
+    base = tm.fresh()
+    with pytest.raises(NotImplementedError, match="decoder of an encoder-decoder"):
+        get_peft_model(base, GraceConfig(target_modules=[tm.target, "decoder.block.1.layer.2.DenseReluDense.wo"]))
+    assert not any(isinstance(module, GraceLayer) for module in base.modules())
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs/path/x", "a/b", "a\\b", "..", ".", ""])
+def test_adapter_names_that_are_paths_are_refused(name, tmp_path):
+    tm = TINY_MODELS["gpt2"]()
+    model = wrap(tm)
+    with pytest.raises(ValueError, match="adapter name"):
+        model.add_adapter(name, GraceConfig(target_modules=[tm.target], eps_init=tm.eps_init))
+    assert name not in model.peft_config
+    assert all(name not in module.grace_codebook for module in model.modules() if isinstance(module, GraceLayer))
+    model.save_pretrained(tmp_path / "inside")
+    assert not (tmp_path / "outside").exists()
