@@ -7,7 +7,7 @@ import torch
 from conftest import NEAR_PROMPTS, TINY_MODELS, codebook_of
 from peft import get_peft_model
 
-from grace_peft import GraceConfig, GraceEditor
+from grace_peft import EditsPartlyApplied, GraceConfig, GraceEditor
 from grace_peft.codebook import CodebookOperation
 from grace_peft.evaluation import EditRecord, run_lifelong
 
@@ -113,8 +113,10 @@ def test_an_error_in_a_batch_leaves_every_codebook_as_it_was(monkeypatch):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(editor, "_train", failing)
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with pytest.raises(EditsPartlyApplied) as info:
         editor.edit_many(FAR_EDITS[:3], batch_size=3)
+    assert info.value.failed_index == 0 and info.value.reports == []
+    assert str(info.value.__cause__) == "interrupted"
     after = codebook_of(editor.model).state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(after[name], before[name]) for name in before)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, TinyModel
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from grace_peft.adapter_files import summarize_adapter
 from grace_peft.apps import base_models, cli
@@ -334,6 +335,17 @@ def _torn_weights(adapter: str, tmp_path: Path) -> str:
     return str(folder)
 
 
+def _nan_key(adapter: str, tmp_path: Path) -> str:
+    """A copy of a saved GRACE adapter with a NaN in its first key."""
+    folder = tmp_path / "nan-key"
+    shutil.copytree(adapter, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    (key,) = [key for key in tensors if key.endswith(".grace_codebook.keys")]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return str(folder)
+
+
 def _lora_folder(tmp_path: Path) -> str:
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
@@ -357,9 +369,12 @@ def _lora_folder(tmp_path: Path) -> str:
     (lambda s, t: ["inspect", _lora_folder(t)], "has peft_type 'LORA'"),
     (lambda s, t: ["inspect", str(t / "nowhere")], "adapter folder not found"),
     (lambda s, t: ["inspect", _torn_weights(s.adapter, t)], "adapter_model.safetensors cannot be read"),
+    (lambda s, t: ["inspect", _nan_key(s.adapter, t)], "transformer.h.1.mlp.c_proj is corrupt: its 'keys' holds NaN"),
+    (lambda s, t: ["edit", s.model, s.edits, "-o", str(t / "a"), "--adapter", _nan_key(s.adapter, t)],
+     "c_proj' is corrupt: its 'keys' holds NaN"),
 ], ids=["module-name", "module-type", "edits-record", "edits-missing", "model-missing", "not-a-model",
         "layer-range", "edit-adapter", "eval-adapter", "inspect-model-folder", "inspect-lora", "inspect-missing",
-        "inspect-torn-weights"])
+        "inspect-torn-weights", "inspect-nan-key", "edit-adapter-nan-key"])
 def test_errors_exit_2_with_one_line(gpt2, tmp_path, capsys, argv, message):
     code, out, err = run_cli(capsys, *argv(gpt2, tmp_path))
     assert code == 2

@@ -9,7 +9,7 @@ from conftest import NEAR_PROMPTS, TINY_MODELS, apply_edits, batch_logits, codeb
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from grace_peft import CodebookContentError, GraceConfig, GraceLayer
+from grace_peft import CodebookContentError, EditsPartlyApplied, GraceConfig, GraceEditor, GraceLayer
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -120,3 +120,65 @@ def test_adapter_names_that_are_paths_are_refused(name, tmp_path):
     assert all(name not in module.grace_codebook for module in model.modules() if isinstance(module, GraceLayer))
     model.save_pretrained(tmp_path / "inside")
     assert not (tmp_path / "outside").exists()
+
+
+# ---------------------------------------------------------------------------------------------- edit inputs
+def codebook_state(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in codebook_of(model).state_dict().items()}
+
+
+def assert_unchanged(before: dict[str, torch.Tensor], model) -> None:
+    after = codebook_of(model).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize(("prompt", "target", "message"), [
+    (" ".join(["the"] * 70), "canberra", "71 tokens long .prompt and target., but the model takes at most 64"),
+    ("the capital is", " ".join(["paris"] * 70), "tokens long .prompt and target., but the model takes at most 64"),
+    ("<eos>", "canberra", "only special tokens"),
+    ("<eos> <pad>", "canberra", "only special tokens"),
+    ("   ", "canberra", "non-empty prompt"),
+    ("the capital of australia is", "", "non-empty target"),
+    (3, "canberra", "non-empty prompt"),
+], ids=["long-prompt", "long-target", "eos-prompt", "special-prompt", "blank-prompt", "empty-target", "int-prompt"])
+def test_a_bad_edit_is_refused_before_anything_changes(prompt, target, message):
+    tm = TINY_MODELS["gpt2"]()
+    model = wrap(tm)
+    editor = GraceEditor(model, tm.tokenizer, progress=False)
+    editor.edit(NEAR_PROMPTS[0], "canberra")
+    before = codebook_state(model)
+    with pytest.raises(ValueError, match=message):
+        editor.edit(prompt, target)
+    assert_unchanged(before, model)
+
+
+def test_edit_many_checks_the_whole_stream_before_the_first_edit():
+    tm = TINY_MODELS["gpt2"]()
+    model = wrap(tm)
+    stream = [(NEAR_PROMPTS[0], "canberra"), ("<eos>", "paris"), ("who leads apple", "paris")]
+    with pytest.raises(ValueError, match=r"Edit 1 of the stream: .*only special tokens.*No edit was applied"):
+        GraceEditor(model, tm.tokenizer, progress=False).edit_many(stream)
+    assert len(codebook_of(model)) == 0
+
+
+def test_edit_many_that_fails_midway_says_which_edits_were_applied(monkeypatch):
+    tm = TINY_MODELS["gpt2"]()
+    model = wrap(tm)
+    editor = GraceEditor(model, tm.tokenizer, progress=False)
+    stream = [(NEAR_PROMPTS[0], "canberra"), ("who leads apple", "paris"), ("tim cook plays", "guitar")]
+    calls = []
+    original = editor._train
+
+    def train_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("loss became nan")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "_train", train_then_fail)
+    with pytest.raises(EditsPartlyApplied) as info:
+        editor.edit_many(stream)
+    assert info.value.failed_index == 1
+    assert [(report.prompt, report.target) for report in info.value.reports] == stream[:1]
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    assert len(codebook_of(model)) == 1 and codebook_of(model).edit_ids.tolist() == [0]

@@ -14,7 +14,7 @@ from .codebook import (
     ExpandRule,
 )
 from .config import GraceConfig
-from .editing import EditReport, GraceEditor
+from .editing import EditReport, EditsPartlyApplied, GraceEditor
 from .hub import model_card, push_edits
 from .inputs import Edit, Task
 from .layer import GraceLayer, Linear
@@ -33,6 +33,7 @@ __all__ = [
     "CodebookUpdate",
     "Edit",
     "EditReport",
+    "EditsPartlyApplied",
     "ExpandRule",
     "GraceConfig",
     "GraceEditor",

@@ -15,6 +15,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .codebook import saved_codebook_problem
 from .model import PEFT_WRAPPER_PREFIX
 from .registration import GRACE_PEFT_TYPE
 
@@ -63,6 +64,9 @@ def read_codebooks(folder: str | os.PathLike) -> dict[str, dict[str, torch.Tenso
         missing = [name for name in _NEEDED_TENSORS if name not in parts]
         if missing:
             raise AdapterFileError(f"{weights}: the codebook of {module} lacks its {', '.join(missing)} tensor(s)")
+        problem = saved_codebook_problem(parts)
+        if problem is not None:
+            raise AdapterFileError(f"{weights}: the codebook of {module} is corrupt: {problem}")
     return tensors
 
 

@@ -279,7 +279,7 @@ class Codebook(nn.Module):
                     "model with other layer shapes; load it onto the base model it was made for."
                 )
         saved = {name: state_dict[prefix + name] for name in (*present, "next_edit_id") if prefix + name in state_dict}
-        problem = _content_problem(saved)
+        problem = saved_codebook_problem(saved)
         if problem is not None:
             raise CodebookContentError(
                 f"The GRACE codebook saved for module '{module}' is corrupt: {problem}. The adapter file is damaged "
@@ -295,8 +295,9 @@ class Codebook(nn.Module):
                                       error_msgs)
 
 
-def _content_problem(saved: dict[str, torch.Tensor]) -> str | None:
-    """What is wrong with the tensors of a saved codebook (``None`` when nothing is)."""
+def saved_codebook_problem(saved: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the tensors of a saved codebook (``keys``, ``radii``, ... by name; ``None`` when nothing
+    is). Checked before a codebook loads them, and by :mod:`grace_peft.adapter_files`."""
     for name, tensor in saved.items():
         floating = name in _FLOAT_TENSORS
         if floating and not tensor.is_floating_point():

@@ -40,6 +40,7 @@ from .inputs import (
     detect_task,
     encode_edit,
     input_device,
+    max_input_length,
     pad_token_id,
     per_row_loss,
     target_predicted,
@@ -50,6 +51,17 @@ from .query import QUERY_POSITIONS_KWARG, label_query_positions
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+class EditsPartlyApplied(RuntimeError):
+    """``edit_many`` failed at edit ``failed_index``: ``reports`` are those of the edits before it, which were applied
+    and stay applied (the failed batch left the codebooks as they were). The cause is the original error."""
+
+    def __init__(self, reports: list[EditReport], failed_index: int) -> None:
+        super().__init__(f"Edit {failed_index} of the stream failed; the {len(reports)} edits before it were applied "
+                         "(their reports are in .reports); the cause is below.")
+        self.reports = reports
+        self.failed_index = failed_index
 
 
 @dataclass
@@ -139,10 +151,9 @@ class GraceEditor:
     # ------------------------------------------------------------------------------------------ public API
     def edit(self, prompt: str, target: str | int) -> EditReport:
         """Apply one edit and report what happened."""
-        encoded = encode_edit(self.tokenizer, self.task, prompt, target, chat=self.chat)
-        return self.apply(encoded, prompt=prompt, target=target)
+        return self.apply(self._encode(Edit(prompt, target)), prompt=prompt, target=target)
 
-    def edit_many(self, edits: Iterable[EditLike], *, batch_size: int = 1,
+    def edit_many(self, edits_in: Iterable[EditLike], *, batch_size: int = 1,
                   progress: bool | None = None) -> list[EditReport]:
         """Apply a stream of edits in order (each sees the codebook left by the ones before it).
 
@@ -155,19 +166,36 @@ class GraceEditor:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        edits = [as_edit(item) for item in edits]
+        edits, encoded = [], []
+        for index, item in enumerate(edits_in):
+            try:
+                edits.append(as_edit(item))
+                encoded.append(self._encode(edits[-1]))
+            except ValueError as error:  # the whole stream is checked before the first edit
+                raise ValueError(f"Edit {index} of the stream: {error} No edit was applied.") from None
         show = self.progress if progress is None else progress
         reports: list[EditReport] = []
         with tqdm(total=len(edits), desc="GRACE edits", unit="edit", disable=not show) as bar:
             while len(reports) < len(edits):
-                chunk = edits[len(reports):len(reports) + batch_size]
-                encoded = [encode_edit(self.tokenizer, self.task, item.prompt, item.target, chat=self.chat)
-                           for item in chunk]
-                done = self._apply_rows(encoded, chunk)
+                start = len(reports)
+                try:
+                    done = self._apply_rows(encoded[start:start + batch_size], edits[start:start + batch_size])
+                except Exception as error:
+                    raise EditsPartlyApplied(reports, start) from error
                 reports.extend(done)
                 bar.update(len(done))
                 bar.set_postfix(keys=self.num_keys(), ok=sum(r.success for r in reports))
         return reports
+
+    def _encode(self, edit: Edit) -> EncodedEdit:
+        """Tokenize an edit, refusing one longer than the model takes."""
+        encoded = encode_edit(self.tokenizer, self.task, edit.prompt, edit.target, chat=self.chat)
+        length, limit = encoded.inputs["input_ids"].shape[1], max_input_length(self.model)
+        if limit is not None and length > limit:
+            what = "prompt and target" if self.task is Task.CAUSAL_LM else "prompt"
+            raise ValueError(f"The edit {edit.prompt[:60]!r} is {length} tokens long ({what}), but the model takes at "
+                             f"most {limit}: shorten it.")
+        return encoded
 
     def num_keys(self) -> int:
         """Codebook entries of the edited adapter, over all wrapped modules."""

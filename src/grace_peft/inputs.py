@@ -82,6 +82,10 @@ def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: 
     Seq2seq: the target as decoder labels; classifiers: the class id."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"An edit needs a non-empty prompt, got {prompt!r}.")
+    special = set(tokenizer.all_special_ids)
+    if all(token in special for token in tokenizer(prompt, add_special_tokens=False)["input_ids"]):
+        raise ValueError(f"The prompt {prompt!r} is only special tokens: give text for the model to continue (the "
+                         "target's tokens must follow a prompt of its own).")
     if chat and task is not Task.CAUSAL_LM:
         raise ValueError(f"Chat templates apply to causal LMs, not to a {task.value} model.")
     if task is Task.SEQUENCE_CLASSIFICATION:
@@ -185,6 +189,16 @@ def per_row_loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torc
     tokens = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
                                          reduction="none")
     return tokens.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)
+
+
+def max_input_length(model: nn.Module) -> int | None:
+    """The most tokens the model takes in one sequence (its position table), or None when it has no such limit."""
+    config = getattr(transformers_model(model), "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
 
 
 def causal_shift(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
