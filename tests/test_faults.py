@@ -69,9 +69,38 @@ def test_a_corrupt_codebook_is_refused_naming_module_and_tensor(saved, tmp_path,
     corrupt(tensors)
     (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
     save_file(tensors, tmp_path / WEIGHTS)
+    base = tm.fresh()
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
     with pytest.raises(CodebookContentError, match=r"'base_model\.model\.transformer\.h\.1\.mlp\.c_proj' is corrupt"
                                                    r".*" + message.replace("(", r"\(").replace(")", r"\)")):
-        PeftModel.from_pretrained(tm.fresh(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert_base_as_before(base, before)
+
+
+def assert_base_as_before(base, before: dict[str, torch.Tensor]) -> None:
+    """No GRACE layer, hook or generate wrapper is left, and every weight is what it was."""
+    assert not any(isinstance(module, GraceLayer) for module in base.modules())
+    assert not base._forward_pre_hooks and not base._forward_hooks and "generate" not in base.__dict__
+    after = base.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_a_corrupt_adapter_loaded_beside_a_live_one_leaves_no_trace(saved, tmp_path):
+    tm, model, folder = saved
+    tensors = load_file(folder / WEIGHTS)
+    CORRUPTIONS["nan-key"][0](tensors)
+    (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    save_file(tensors, tmp_path / WEIGHTS)
+    live = PeftModel.from_pretrained(tm.fresh(), folder)
+    outputs = batch_logits(live, tm)
+    with pytest.raises(CodebookContentError, match="'keys' holds NaN"):
+        live.load_adapter(tmp_path, adapter_name="other")
+    assert list(live.peft_config) == ["default"] and live.active_adapter == "default"
+    assert all(list(module.grace_codebook) == ["default"] for module in live.modules()
+               if isinstance(module, GraceLayer))
+    assert torch.equal(batch_logits(live, tm), outputs)
+    live.load_adapter(folder, adapter_name="other")  # a good adapter still loads under that name
+    assert "other" in live.peft_config
 
 
 def test_saved_dtypes_are_made_float32_and_int64_on_every_loader(saved, tmp_path):

@@ -47,7 +47,6 @@ class GraceModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
         if "_call_state" not in self.__dict__:
             self._call_state = CallState(labels_mark_targets=_is_decoder_lm(model))
-            self._query_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def _prepare_adapter_config(self, peft_config: GraceConfig, model_config: dict) -> GraceConfig:
         if peft_config.target_modules is None:
@@ -70,11 +69,11 @@ class GraceModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _post_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
-        if self._query_hooks:
-            return
         state = self._call_state
+        if state.hooks:
+            return
         hooked = _query_hook_module(model)
-        self._query_hooks = [
+        state.hooks = [
             hooked.register_forward_pre_hook(state.pre_forward_hook, with_kwargs=True),
             hooked.register_forward_hook(state.post_forward_hook, always_call=True),  # also after a forward that raised
         ]
@@ -95,15 +94,7 @@ class GraceModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        for handle in self._query_hooks:
-            handle.remove()
-        self._query_hooks = []
-        wrapper = model.__dict__.get("generate")
-        if isinstance(wrapper, GenerateAsOneCall):  # only grace_peft's own wrapper; what it wrapped comes back
-            if wrapper.generate == type(model).generate.__get__(model):
-                del model.generate
-            else:
-                model.generate = wrapper.generate
+        _remove_plumbing(model, self._call_state)
         return model
 
     # ------------------------------------------------------------------------------------------ persistence
@@ -130,6 +121,30 @@ def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, i
     """Codebook shapes (``size``: entries, ``label_size``: label tokens) of ``adapter_name`` per wrapped module."""
     return {name: layer.grace_codebook[adapter_name].shape_record()
             for name, layer in grace_layers(model, adapter_name).items()}
+
+
+def remove_grace(model: nn.Module) -> None:
+    """Put back every module that GRACE wrapped in ``model`` (a transformers model) and remove the hooks and the
+    ``generate`` wrapper it installed: the model as it was before GRACE touched it (after a load that failed)."""
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, GraceLayer)]
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+    for state in {id(layer.call_state): layer.call_state for _, layer in layers}.values():
+        _remove_plumbing(model, state)
+
+
+def _remove_plumbing(model: nn.Module, state: CallState) -> None:
+    """Remove the query hooks of ``state`` and grace_peft's own ``generate`` wrapper (what it wrapped comes back)."""
+    for handle in state.hooks:
+        handle.remove()
+    state.hooks = []
+    wrapper = model.__dict__.get("generate")
+    if isinstance(wrapper, GenerateAsOneCall):
+        if wrapper.generate == type(model).generate.__get__(model):
+            del model.generate
+        else:
+            model.generate = wrapper.generate
 
 
 class GenerateAsOneCall:

@@ -102,6 +102,7 @@ class CallState:
         self._recorded: dict[tuple[Any, str], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._forced: dict[tuple[Any, str], torch.Tensor] = {}
         self._positional_names: dict[type, list[str]] = {}
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []  # the model's query hooks, removed by unload
 
     # ------------------------------------------------------------------------------------------ scopes
     @contextmanager

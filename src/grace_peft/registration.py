@@ -7,7 +7,10 @@ package is harmless):
    transformers' ``load_adapter`` calls ``.value`` on the type, so a plain string will not do);
 2. peft's method registry learns ``GraceConfig`` / ``GraceModel`` with the parameter prefix ``grace_``;
 3. ``PeftModel.push_to_hub`` pushes GRACE adapters with :func:`grace_peft.hub.push_edits` (our model card) and
-   leaves every other adapter to peft's own method.
+   leaves every other adapter to peft's own method;
+4. a ``PeftModel.from_pretrained`` or ``PeftModel.load_adapter`` that raises (a corrupt codebook, say) takes back
+   the GRACE layers and adapter it had already put in (the caller's base model, or the live PeftModel, is left as
+   it was); both are peft's own methods otherwise, and nothing changes for other PEFT methods.
 
 Per model, done by :class:`grace_peft.GraceModel` when it wraps a model and undone by ``unload()``: a forward
 pre-hook and a forward hook on the model (on the encoder of an encoder-decoder) that hand each call's query to the
@@ -15,6 +18,8 @@ layers, and a :class:`grace_peft.model.GenerateAsOneCall` wrapper on the model i
 """
 
 from __future__ import annotations
+
+import functools
 
 from aenum import extend_enum
 from peft.utils import PeftType
@@ -28,7 +33,8 @@ GRACE_PEFT_TYPE = PeftType.GRACE
 
 
 def install(config_cls: type, model_cls: type) -> None:
-    """Register GRACE with peft and route ``PeftModel.push_to_hub`` (both no-ops when already done)."""
+    """Register GRACE with peft and wrap peft's ``push_to_hub``, ``from_pretrained`` and ``load_adapter`` (each a
+    no-op when already done)."""
     from peft import PeftModel
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
@@ -45,3 +51,45 @@ def install(config_cls: type, model_cls: type) -> None:
                              prefix=ADAPTER_PREFIX)
     current = PeftModel.push_to_hub
     PeftModel.push_to_hub = grace_push_to_hub(getattr(current, "grace_peft_original", current))
+    current = PeftModel.from_pretrained.__func__
+    PeftModel.from_pretrained = classmethod(_undone_on_error(getattr(current, "grace_peft_original", current)))
+    current = PeftModel.load_adapter
+    PeftModel.load_adapter = _adapter_deleted_on_error(getattr(current, "grace_peft_original", current))
+
+
+def _undone_on_error(from_pretrained):
+    """``PeftModel.from_pretrained`` that, when it raises, removes the GRACE layers it put into the base model."""
+
+    @functools.wraps(from_pretrained)
+    def wrapper(cls, model, *args, **kwargs):
+        from .layer import GraceLayer
+        from .model import remove_grace
+
+        had_grace = any(isinstance(module, GraceLayer) for module in model.modules())
+        try:
+            return from_pretrained(cls, model, *args, **kwargs)
+        except Exception:
+            if not had_grace:
+                remove_grace(model)
+            raise
+
+    wrapper.grace_peft_original = from_pretrained
+    return wrapper
+
+
+def _adapter_deleted_on_error(load_adapter):
+    """``PeftModel.load_adapter`` that, when it raises, deletes the GRACE adapter it had added."""
+
+    @functools.wraps(load_adapter)
+    def wrapper(self, model_id, adapter_name, *args, **kwargs):
+        new = adapter_name not in self.peft_config
+        try:
+            return load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        except Exception:
+            config = self.peft_config.get(adapter_name)
+            if new and config is not None and config.peft_type == GRACE_PEFT_TYPE:
+                self.delete_adapter(adapter_name)
+            raise
+
+    wrapper.grace_peft_original = load_adapter
+    return wrapper
