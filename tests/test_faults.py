@@ -85,12 +85,35 @@ def assert_base_as_before(base, before: dict[str, torch.Tensor]) -> None:
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
 
 
-def test_a_corrupt_adapter_loaded_beside_a_live_one_leaves_no_trace(saved, tmp_path):
-    tm, model, folder = saved
+def corrupt_copy(folder, tmp_path, corruption: str = "nan-key"):
     tensors = load_file(folder / WEIGHTS)
-    CORRUPTIONS["nan-key"][0](tensors)
+    CORRUPTIONS[corruption][0](tensors)
     (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
     save_file(tensors, tmp_path / WEIGHTS)
+    return tmp_path
+
+
+def test_transformers_load_adapter_refuses_a_corrupt_codebook_and_leaves_the_model_as_it_was(saved, tmp_path):
+    tm, model, folder = saved
+    corrupt = corrupt_copy(folder, tmp_path)
+    base = tm.fresh()
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    with pytest.raises(CodebookContentError, match=r"'transformer\.h\.1\.mlp\.c_proj' is corrupt: its 'keys'"):
+        base.load_adapter(str(corrupt))
+    assert_base_as_before(base, before)
+    assert not hasattr(base, "peft_config")
+    base.load_adapter(str(folder))  # and a good adapter loads afterwards
+    assert torch.equal(batch_logits(base, tm), batch_logits(model, tm))
+    outputs = batch_logits(base, tm)
+    with pytest.raises(CodebookContentError):
+        base.load_adapter(str(corrupt), adapter_name="other")
+    assert list(base.peft_config) == ["default"]
+    assert torch.equal(batch_logits(base, tm), outputs)
+
+
+def test_a_corrupt_adapter_loaded_beside_a_live_one_leaves_no_trace(saved, tmp_path):
+    tm, model, folder = saved
+    corrupt_copy(folder, tmp_path)
     live = PeftModel.from_pretrained(tm.fresh(), folder)
     outputs = batch_logits(live, tm)
     with pytest.raises(CodebookContentError, match="'keys' holds NaN"):

@@ -281,10 +281,7 @@ class Codebook(nn.Module):
         saved = {name: state_dict[prefix + name] for name in (*present, "next_edit_id") if prefix + name in state_dict}
         problem = saved_codebook_problem(saved)
         if problem is not None:
-            raise CodebookContentError(
-                f"The GRACE codebook saved for module '{module}' is corrupt: {problem}. The adapter file is damaged "
-                "or was not written by grace_peft; load a good copy (nothing was changed)."
-            )
+            raise corrupt_codebook_error(module, problem)
         for name, tensor in saved.items():  # a loader that assigns tensors (low_cpu_mem_usage) keeps saved dtypes
             state_dict[prefix + name] = tensor.to(torch.float32 if name in _FLOAT_TENSORS else torch.int64)
         for name in present:
@@ -293,6 +290,14 @@ class Codebook(nn.Module):
                 self._resize_to(name, rows)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def corrupt_codebook_error(module: str, problem: str) -> CodebookContentError:
+    """The error for a saved codebook of ``module`` that :func:`saved_codebook_problem` finds ``problem`` in."""
+    return CodebookContentError(
+        f"The GRACE codebook saved for module '{module}' is corrupt: {problem}. The adapter file is damaged or was not "
+        "written by grace_peft; load a good copy (nothing was changed)."
+    )
 
 
 def saved_codebook_problem(saved: dict[str, torch.Tensor]) -> str | None:

@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from .codebook import corrupt_codebook_error, saved_codebook_problem
 from .config import GraceConfig
 from .inputs import is_encoder_decoder
 from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer
@@ -121,6 +122,33 @@ def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, i
     """Codebook shapes (``size``: entries, ``label_size``: label tokens) of ``adapter_name`` per wrapped module."""
     return {name: layer.grace_codebook[adapter_name].shape_record()
             for name, layer in grace_layers(model, adapter_name).items()}
+
+
+def check_loaded_codebooks(model: nn.Module, adapter_name: str) -> None:
+    """Raise :class:`CodebookContentError` when a codebook of ``adapter_name`` holds what no codebook can (for
+    loaders that set tensors without the codebook's own load checks, such as transformers' ``load_adapter``)."""
+    for name, layer in grace_layers(model, adapter_name).items():
+        problem = saved_codebook_problem(layer.grace_codebook[adapter_name].state_dict())
+        if problem is not None:
+            raise corrupt_codebook_error(name, problem)
+
+
+def forget_adapters(model: nn.Module, adapter_names: list[str]) -> None:
+    """Remove GRACE adapters that transformers' ``load_adapter`` added to ``model`` (its own ``delete_adapter`` asks
+    for a newer peft in newer releases): from every layer and from ``model.peft_config``."""
+    for module in model.modules():
+        if isinstance(module, GraceLayer):
+            for name in adapter_names:
+                if name in module.grace_codebook:
+                    module.delete_adapter(name)
+    configs = getattr(model, "peft_config", None)
+    if configs is None:
+        return
+    for name in adapter_names:
+        configs.pop(name, None)
+    if not configs:
+        del model.peft_config
+        model._hf_peft_config_loaded = False  # transformers' flag for "peft_config exists"; no public setter
 
 
 def remove_grace(model: nn.Module) -> None:

@@ -10,7 +10,10 @@ package is harmless):
    leaves every other adapter to peft's own method;
 4. a ``PeftModel.from_pretrained`` or ``PeftModel.load_adapter`` that raises (a corrupt codebook, say) takes back
    the GRACE layers and adapter it had already put in (the caller's base model, or the live PeftModel, is left as
-   it was); both are peft's own methods otherwise, and nothing changes for other PEFT methods.
+   it was); both are peft's own methods otherwise, and nothing changes for other PEFT methods;
+5. transformers' ``model.load_adapter`` (``PeftAdapterMixin``), which sets tensors without the codebook's own load
+   checks, checks the GRACE codebooks it loaded and, when they are corrupt or the load raises, deletes the adapter
+   it added (and the GRACE layers, when no adapter is left).
 
 Per model, done by :class:`grace_peft.GraceModel` when it wraps a model and undone by ``unload()``: a forward
 pre-hook and a forward hook on the model (on the encoder of an encoder-decoder) that hand each call's query to the
@@ -38,6 +41,7 @@ def install(config_cls: type, model_cls: type) -> None:
     from peft import PeftModel
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
+    from transformers.integrations import PeftAdapterMixin
 
     from .hub import grace_push_to_hub
 
@@ -55,6 +59,34 @@ def install(config_cls: type, model_cls: type) -> None:
     PeftModel.from_pretrained = classmethod(_undone_on_error(getattr(current, "grace_peft_original", current)))
     current = PeftModel.load_adapter
     PeftModel.load_adapter = _adapter_deleted_on_error(getattr(current, "grace_peft_original", current))
+    current = PeftAdapterMixin.load_adapter
+    PeftAdapterMixin.load_adapter = _transformers_load_checked(getattr(current, "grace_peft_original", current))
+
+
+def _transformers_load_checked(load_adapter):
+    """transformers' ``model.load_adapter`` that checks the GRACE codebooks it loaded and undoes a failed load."""
+
+    @functools.wraps(load_adapter)
+    def wrapper(self, *args, **kwargs):
+        from .model import check_loaded_codebooks, forget_adapters, remove_grace
+
+        before = set(getattr(self, "peft_config", None) or {})
+        try:
+            result = load_adapter(self, *args, **kwargs)
+            for name, config in (getattr(self, "peft_config", None) or {}).items():
+                if name not in before and config.peft_type == GRACE_PEFT_TYPE:
+                    check_loaded_codebooks(self, name)
+            return result
+        except Exception:
+            added = [name for name, config in (getattr(self, "peft_config", None) or {}).items()
+                     if name not in before and config.peft_type == GRACE_PEFT_TYPE]
+            forget_adapters(self, added)
+            if not before:
+                remove_grace(self)
+            raise
+
+    wrapper.grace_peft_original = load_adapter
+    return wrapper
 
 
 def _undone_on_error(from_pretrained):
