@@ -36,6 +36,13 @@ def test_registration_is_a_real_peft_type_and_idempotent():
 
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.GRACE] == "grace_"
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GRACE].__name__ == "GraceConfig"
+    # peft's and transformers' methods are wrapped once, whatever the number of imports
+    from transformers.integrations import PeftAdapterMixin
+
+    for method in (PeftModel.push_to_hub, PeftModel.from_pretrained.__func__, PeftModel.load_adapter,
+                   PeftAdapterMixin.load_adapter):
+        original = method.grace_peft_original
+        assert not hasattr(original, "grace_peft_original") and original.__module__.split(".")[0] != "grace_peft"
 
 
 def test_loading_without_import_fails_with_peft_keyerror(tmp_path):

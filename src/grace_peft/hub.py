@@ -12,7 +12,6 @@ transformers' generic card (``library_name: transformers``), or with whatever ca
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -213,7 +212,6 @@ def grace_push_to_hub(original):
     """``PeftModel.push_to_hub`` that pushes GRACE adapters with :func:`push_edits` (and so with our card), and
     other adapters with ``original``; installed by :func:`grace_peft.registration.install`."""
 
-    @functools.wraps(original)
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         adapter = self.active_adapter
         if self.peft_config[adapter].peft_type != GRACE_PEFT_TYPE:
@@ -221,5 +219,4 @@ def grace_push_to_hub(original):
         kwargs.pop("max_shard_size", None)  # adapters are small; PeftModel.save_pretrained ignores it too
         return push_edits(self, repo_id, adapter_name=adapter, tags=kwargs.pop("tags", None) or (), **kwargs)
 
-    push_to_hub.grace_peft_original = original
     return push_to_hub

@@ -23,6 +23,7 @@ layers, and a :class:`grace_peft.model.GenerateAsOneCall` wrapper on the model i
 from __future__ import annotations
 
 import functools
+import inspect
 
 from aenum import extend_enum
 from peft.utils import PeftType
@@ -53,20 +54,27 @@ def install(config_cls: type, model_cls: type) -> None:
     else:
         register_peft_method(name=PEFT_METHOD_NAME, config_cls=config_cls, model_cls=model_cls,
                              prefix=ADAPTER_PREFIX)
-    current = PeftModel.push_to_hub
-    PeftModel.push_to_hub = grace_push_to_hub(getattr(current, "grace_peft_original", current))
-    current = PeftModel.from_pretrained.__func__
-    PeftModel.from_pretrained = classmethod(_undone_on_error(getattr(current, "grace_peft_original", current)))
-    current = PeftModel.load_adapter
-    PeftModel.load_adapter = _adapter_deleted_on_error(getattr(current, "grace_peft_original", current))
-    current = PeftAdapterMixin.load_adapter
-    PeftAdapterMixin.load_adapter = _transformers_load_checked(getattr(current, "grace_peft_original", current))
+    _wrap_method(PeftModel, "push_to_hub", grace_push_to_hub)
+    _wrap_method(PeftModel, "from_pretrained", _undone_on_error)
+    _wrap_method(PeftModel, "load_adapter", _adapter_deleted_on_error)
+    _wrap_method(PeftAdapterMixin, "load_adapter", _transformers_load_checked)
+
+
+def _wrap_method(owner: type, name: str, make_wrapper) -> None:
+    """Replace ``owner.name`` by ``make_wrapper(original)``, where ``original`` is the library's own method even when
+    an earlier import already wrapped it (so that importing grace_peft again wraps it once, not twice)."""
+    current = inspect.getattr_static(owner, name)
+    is_classmethod = isinstance(current, classmethod)
+    function = current.__func__ if is_classmethod else current
+    original = getattr(function, "grace_peft_original", function)
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper.grace_peft_original = original
+    setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
 
 
 def _transformers_load_checked(load_adapter):
     """transformers' ``model.load_adapter`` that checks the GRACE codebooks it loaded and undoes a failed load."""
 
-    @functools.wraps(load_adapter)
     def wrapper(self, *args, **kwargs):
         from .model import check_loaded_codebooks, forget_adapters, remove_grace
 
@@ -85,14 +93,12 @@ def _transformers_load_checked(load_adapter):
                 remove_grace(self)
             raise
 
-    wrapper.grace_peft_original = load_adapter
     return wrapper
 
 
 def _undone_on_error(from_pretrained):
     """``PeftModel.from_pretrained`` that, when it raises, removes the GRACE layers it put into the base model."""
 
-    @functools.wraps(from_pretrained)
     def wrapper(cls, model, *args, **kwargs):
         from .layer import GraceLayer
         from .model import remove_grace
@@ -105,14 +111,12 @@ def _undone_on_error(from_pretrained):
                 remove_grace(model)
             raise
 
-    wrapper.grace_peft_original = from_pretrained
     return wrapper
 
 
 def _adapter_deleted_on_error(load_adapter):
     """``PeftModel.load_adapter`` that, when it raises, deletes the GRACE adapter it had added."""
 
-    @functools.wraps(load_adapter)
     def wrapper(self, model_id, adapter_name, *args, **kwargs):
         new = adapter_name not in self.peft_config
         try:
@@ -123,5 +127,4 @@ def _adapter_deleted_on_error(load_adapter):
                 self.delete_adapter(adapter_name)
             raise
 
-    wrapper.grace_peft_original = load_adapter
     return wrapper
