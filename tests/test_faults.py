@@ -126,6 +126,22 @@ def test_a_corrupt_adapter_loaded_beside_a_live_one_leaves_no_trace(saved, tmp_p
     assert "other" in live.peft_config
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda tensors: {**tensors, **{key.replace("h.1.", "h.0."): value.clone() for key, value in tensors.items()}},
+     r"codebooks for modules this adapter does not wrap \(base_model\.model\.transformer\.h\.0\.mlp\.c_proj\)"),
+    (lambda tensors: {"unrelated": torch.zeros(1)}, r"no codebook for wrapped module\(s\) .*h\.1\.mlp\.c_proj"),
+], ids=["tensors-for-an-unwrapped-module", "no-codebook-for-a-wrapped-module"])
+def test_weights_that_do_not_match_the_config_are_refused(saved, tmp_path, change, message):
+    tm, _, folder = saved
+    (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    save_file(change(load_file(folder / WEIGHTS)), tmp_path / WEIGHTS)
+    base = tm.fresh()
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    with pytest.raises(CodebookContentError, match=message):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_base_as_before(base, before)
+
+
 def test_saved_dtypes_are_made_float32_and_int64_on_every_loader(saved, tmp_path):
     """A file written with float64 keys and int32 ids (by another tool) loads into the codebook's own dtypes."""
     tm, model, folder = saved

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from .codebook import corrupt_codebook_error, saved_codebook_problem
+from .codebook import CodebookContentError, corrupt_codebook_error, saved_codebook_problem
 from .config import GraceConfig
 from .inputs import is_encoder_decoder
 from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer
@@ -131,6 +131,23 @@ def check_loaded_codebooks(model: nn.Module, adapter_name: str) -> None:
         problem = saved_codebook_problem(layer.grace_codebook[adapter_name].state_dict())
         if problem is not None:
             raise corrupt_codebook_error(name, problem)
+
+
+def check_load_result(result: Any, adapter_name: str, source: Any) -> None:
+    """Refuse a load whose weights file and config do not belong together: GRACE tensors for modules this model does
+    not wrap, or a wrapped module without its saved codebook (``result``: the missing / unexpected keys of the
+    load, as peft's ``load_adapter`` returns them)."""
+    unexpected = sorted({key.split(".grace_codebook.")[0] for key in getattr(result, "unexpected_keys", ())
+                         if ".grace_codebook." in key})
+    missing = sorted({key.split(".grace_codebook.")[0] for key in getattr(result, "missing_keys", ())
+                      if f".grace_codebook.{adapter_name}." in key})
+    if unexpected or missing:
+        what = (f"codebooks for modules this adapter does not wrap ({', '.join(unexpected)})" if unexpected else
+                f"no codebook for wrapped module(s) {', '.join(missing)}")
+        raise CodebookContentError(
+            f"The adapter in {source} does not hang together: its weights hold {what}. Its adapter_config.json and "
+            "adapter_model.safetensors come from different saves; load a complete copy (nothing was changed)."
+        )
 
 
 def forget_adapters(model: nn.Module, adapter_names: list[str]) -> None:

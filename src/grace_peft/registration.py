@@ -115,12 +115,18 @@ def _undone_on_error(from_pretrained):
 
 
 def _adapter_deleted_on_error(load_adapter):
-    """``PeftModel.load_adapter`` that, when it raises, deletes the GRACE adapter it had added."""
+    """``PeftModel.load_adapter`` that refuses GRACE weights that do not match the adapter's config and, when it
+    raises, deletes the GRACE adapter it had added."""
 
     def wrapper(self, model_id, adapter_name, *args, **kwargs):
+        from .model import check_load_result
+
         new = adapter_name not in self.peft_config
         try:
-            return load_adapter(self, model_id, adapter_name, *args, **kwargs)
+            result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+            if self.peft_config[adapter_name].peft_type == GRACE_PEFT_TYPE:
+                check_load_result(result, adapter_name, model_id)
+            return result
         except Exception:
             config = self.peft_config.get(adapter_name)
             if new and config is not None and config.peft_type == GRACE_PEFT_TYPE:
