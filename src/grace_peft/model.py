@@ -18,8 +18,6 @@ from .query import CallState
 from .registration import ADAPTER_PREFIX
 
 PEFT_WRAPPER_PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's module names
-
-
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
