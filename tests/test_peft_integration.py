@@ -45,16 +45,49 @@ def test_registration_is_a_real_peft_type_and_idempotent():
         assert not hasattr(original, "grace_peft_original") and original.__module__.split(".")[0] != "grace_peft"
 
 
-def test_loading_without_import_fails_with_peft_keyerror(tmp_path):
-    """Documented in the README: peft cannot know GRACE until `import grace_peft` ran."""
+LOAD_WITHOUT_IMPORT = """
+import sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+config = GPT2Config(**{config!r})
+torch.manual_seed(0)
+base = GPT2LMHeadModel(config).eval()
+ids = torch.tensor([{ids!r}])
+{load}
+print(int(model(ids).logits[0, -1].argmax()), "grace_peft" in sys.modules)
+"""
+LOADERS = {
+    "peft": "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base, {folder!r})",
+    "transformers": "base.load_adapter({folder!r})\nmodel = base",  # peft is imported inside transformers
+}
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_an_adapter_loads_without_import_grace_peft(tmp_path, loader):
+    """Installing grace_peft registers GRACE when peft is first imported (grace_peft_autoload.pth), so pipelines that
+    never import grace_peft load GRACE adapters and get the edited answers."""
     tm = TINY_MODELS["gpt2"]()
-    near_edits(tm).save_pretrained(tmp_path)
-    code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
+    model = near_edits(tm)
+    model.save_pretrained(tmp_path)
+    ids = tm.tokenizer(NEAR_PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        edited = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    assert edited == tm.tokenizer.convert_tokens_to_ids("canberra")
+    code = LOAD_WITHOUT_IMPORT.format(config=tm.fresh().config.to_dict(), ids=ids,
+                                      load=LOADERS[loader].format(folder=str(tmp_path)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "GRACE" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(edited), "True"]
+    switched_off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "GRACE_PEFT_AUTOLOAD": "0"})
+    assert switched_off.returncode != 0 and "GRACE" in switched_off.stderr.splitlines()[-1]
 
 
-# ---------------------------------------------------------------------------------------------- config
+def test_python_start_up_imports_neither_peft_nor_grace_peft():
+    code = "import sys, _grace_peft_autoload; print(*(name in sys.modules for name in ('peft', 'grace_peft', 'torch')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "False", "False"]
+
+
 def test_config_round_trips_through_adapter_config_json(tmp_path):
     config = GraceConfig(target_modules=["h.1.mlp.c_proj"], eps_init=0.5, eps_expand="moving_average",
                          replacement="replace_all", value_init="cold", learning_rate=0.3, max_steps=7,
@@ -210,12 +243,10 @@ def test_failed_config_write_leaves_previous_adapter_intact(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path)
     monkeypatch.undo()
-    # Weights are replaced atomically (safetensors renames a finished temp file), the config too: each file is
-    # either the old or the new one, never a torn write, and no staging files are left behind.
-    assert sorted(os.listdir(tmp_path)) == sorted(before)
-    assert (tmp_path / "adapter_config.json").read_bytes() == before["adapter_config.json"]
-    again = PeftModel.from_pretrained(tm.fresh(), tmp_path)  # new weights + old config still load consistently
-    assert len(codebook_of(again)) == len(codebook_of(model))
+    # Nothing was moved in before the failure: the folder is the previous version, file for file, with no staging
+    # folder left behind (tests/test_saving.py kills saves at every point).
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    assert len(codebook_of(PeftModel.from_pretrained(tm.fresh(), tmp_path))) == len(codebook_of(model)) - 1
 
 
 # ---------------------------------------------------------------------------------------------- adapters

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from .codebook import saved_codebook_problem
 from .model import PEFT_WRAPPER_PREFIX
 from .registration import GRACE_PEFT_TYPE
+from .saving import config_saved_with_weights
 
 _CODEBOOK_TENSOR = re.compile(
     rf"^(?:{re.escape(PEFT_WRAPPER_PREFIX)})?(?P<module>.+)\.grace_codebook\.(?P<tensor>\w+)$")
@@ -29,7 +30,8 @@ class AdapterFileError(ValueError):
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of a GRACE adapter folder."""
+    """The parsed ``adapter_config.json`` of a GRACE adapter folder (or, when it comes from another save than the
+    weights file, the config the weights were saved with)."""
     path = Path(folder) / CONFIG_NAME
     if not Path(folder).is_dir():
         raise AdapterFileError(f"adapter folder not found: {folder}")
@@ -39,6 +41,10 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise AdapterFileError(f"{path} is not valid JSON: {error}") from None
+    try:
+        config = config_saved_with_weights(folder) or config  # a save interrupted between its two files
+    except ValueError as error:
+        raise AdapterFileError(str(error)) from None
     peft_type = config.get("peft_type") if isinstance(config, dict) else None
     if peft_type != GRACE_PEFT_TYPE.value:
         raise AdapterFileError(f"{folder} is not a GRACE adapter: its {CONFIG_NAME} has peft_type {peft_type!r}")

@@ -18,7 +18,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates it private; give it a normal file's mode
+        os.chmod(temporary, default_file_mode())  # mkstemp creates it private; give it a normal file's mode
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
             file.flush()
@@ -29,7 +29,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
-def _umask() -> int:
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file (0o666 less the process's umask)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask

@@ -14,6 +14,7 @@ from peft.utils import CONFIG_NAME
 
 from .codebook import ExpandRule
 from .registration import GRACE_PEFT_TYPE
+from .saving import config_saved_with_weights
 
 REPLACEMENT_MODES = ("replace_last", "replace_all", "replace_prompt")
 VALUE_INITS = ("warm", "cold")
@@ -54,6 +55,8 @@ class GraceConfig(PeftConfig):
             entries (``size``) and label token count (``label_size``), so that a fresh model can allocate the saved
             shapes before loading (transformers' ``load_adapter`` compares shapes first). Not meant to be set by
             hand.
+        save_id: Written on save, into this file and into the weights file's metadata: it ties the two together,
+            so that a folder whose save was interrupted loads as one version (see :mod:`grace_peft.saving`).
     """
 
     target_modules: list[str] | str | None = field(
@@ -82,6 +85,7 @@ class GraceConfig(PeftConfig):
     codebook_sizes: dict[str, dict[str, int]] = field(
         default_factory=dict, metadata={"help": "Codebook shapes per wrapped module, recorded on save."}
     )
+    save_id: str | None = field(default=None, metadata={"help": "Ties this config to its weights file, on save."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +111,16 @@ class GraceConfig(PeftConfig):
             str(name): {"size": int(shape["size"]), "label_size": int(shape["label_size"])}
             for name, shape in (self.codebook_sizes or {}).items()
         }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """peft's loader, except that a local folder whose config and weights come from different saves (an
+        interrupted or concurrent save) gives the config its weights were saved with."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        saved_with_weights = config_saved_with_weights(folder) if os.path.isdir(folder) else None
+        if saved_with_weights is not None:
+            return cls.from_peft_type(**saved_with_weights)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def record_codebook_sizes_on_save(self, sizes: dict[str, dict[str, int]]) -> None:
         """Have the next :meth:`save_pretrained` write ``sizes`` as ``codebook_sizes`` (the tuner calls this while

@@ -11,7 +11,9 @@ package is harmless):
 4. a ``PeftModel.from_pretrained`` or ``PeftModel.load_adapter`` that raises (a corrupt codebook, say) takes back
    the GRACE layers and adapter it had already put in (the caller's base model, or the live PeftModel, is left as
    it was); both are peft's own methods otherwise, and nothing changes for other PEFT methods;
-5. transformers' ``model.load_adapter`` (``PeftAdapterMixin``), which sets tensors without the codebook's own load
+5. ``PeftModel.save_pretrained`` writes a model with GRACE adapters as one unit per adapter folder
+   (:mod:`grace_peft.saving`); other models are saved by peft's own method;
+6. transformers' ``model.load_adapter`` (``PeftAdapterMixin``), which sets tensors without the codebook's own load
    checks, checks the GRACE codebooks it loaded and, when they are corrupt or the load raises, deletes the adapter
    it added (and the GRACE layers, when no adapter is left).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 from aenum import extend_enum
 from peft.utils import PeftType
@@ -57,6 +60,7 @@ def install(config_cls: type, model_cls: type) -> None:
     _wrap_method(PeftModel, "push_to_hub", grace_push_to_hub)
     _wrap_method(PeftModel, "from_pretrained", _undone_on_error)
     _wrap_method(PeftModel, "load_adapter", _adapter_deleted_on_error)
+    _wrap_method(PeftModel, "save_pretrained", _saved_as_one_unit)
     _wrap_method(PeftAdapterMixin, "load_adapter", _transformers_load_checked)
 
 
@@ -79,6 +83,7 @@ def _transformers_load_checked(load_adapter):
         from .model import check_loaded_codebooks, forget_adapters, remove_grace
 
         before = set(getattr(self, "peft_config", None) or {})
+        args, kwargs = _with_config_saved_with_weights(load_adapter, self, args, kwargs)
         try:
             result = load_adapter(self, *args, **kwargs)
             for name, config in (getattr(self, "peft_config", None) or {}).items():
@@ -92,6 +97,43 @@ def _transformers_load_checked(load_adapter):
             if not before:
                 remove_grace(self)
             raise
+
+    return wrapper
+
+
+def _with_config_saved_with_weights(load_adapter, model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The arguments of transformers' ``load_adapter``, given the config that a local folder's weights were saved
+    with when its ``adapter_config.json`` comes from another save (peft's loaders get it from
+    ``GraceConfig.from_pretrained``; this loader reads configs through ``PeftConfig``)."""
+    from .config import GraceConfig
+    from .saving import config_saved_with_weights
+
+    try:
+        bound = inspect.signature(load_adapter).bind(model, *args, **kwargs)
+    except TypeError:
+        return args, kwargs  # transformers raises its own error for these arguments
+    folder = bound.arguments.get("peft_model_id")
+    if "peft_config" not in bound.signature.parameters or bound.arguments.get("peft_config") is not None:
+        return args, kwargs
+    if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
+        return args, kwargs
+    saved_with_weights = config_saved_with_weights(folder)
+    if saved_with_weights is None:
+        return args, kwargs
+    bound.arguments["peft_config"] = GraceConfig.from_peft_type(**saved_with_weights)
+    return bound.args[1:], bound.kwargs
+
+
+def _saved_as_one_unit(save_pretrained):
+    """``PeftModel.save_pretrained`` that, for a model with GRACE adapters, publishes each adapter folder as one
+    unit (see :mod:`grace_peft.saving`)."""
+
+    def wrapper(self, save_directory, *args, **kwargs):
+        from .saving import save_as_one_unit
+
+        if not any(config.peft_type == GRACE_PEFT_TYPE for config in self.peft_config.values()):
+            return save_pretrained(self, save_directory, *args, **kwargs)
+        save_as_one_unit(save_directory, lambda folder: save_pretrained(self, folder, *args, **kwargs))
 
     return wrapper
 
