@@ -40,8 +40,13 @@ CASES = {
     "llama-moving-average": ("llama", {"eps_expand": "moving_average"}),
     "t5": ("t5", {}),
     "bert": ("bert", {}),
+    "gpt2-prompt-mean": ("gpt2", {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.3}),
+    "llama-prompt-mean": ("llama", {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.3}),
+    "t5-prompt-mean": ("t5", {"key": "prompt_mean", "eps_init": 0.3}),
+    "bert-prompt-mean": ("bert", {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.3}),
 }
-GRACE_SETTINGS = ("target_modules", "eps_init", "eps_expand", "replacement", "value_init", "learning_rate",
+GRACE_SETTINGS = ("target_modules", "key", "eps_init", "eps_expand", "eps_split", "replacement", "value_init",
+                  "learning_rate",
                   "max_steps", "early_stop", "stop_loss", "skip_if_correct", "seed")
 SAVED_TENSORS = {"keys", "values", "radii", "label_tokens", "label_lengths", "edit_ids", "next_edit_id"}
 
@@ -75,7 +80,8 @@ def test_save_and_load_give_back_outputs_and_codebook_bit_for_bit(case, tmp_path
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert {key.rsplit(".", 1)[1] for key in tensors} == SAVED_TENSORS
+    centered = model.peft_config["default"].key == "prompt_mean"
+    assert {key.rsplit(".", 1)[1] for key in tensors} == SAVED_TENSORS | ({"key_center"} if centered else set())
     assert all(".grace_codebook." in key for key in tensors)
 
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)

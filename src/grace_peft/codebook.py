@@ -9,8 +9,11 @@ Rules, with ``d`` the distance from the query to its nearest key ``i`` and ``E_i
 * hit at inference: ``d <= E_i`` for the nearest key; ties in distance go to the older key (lower index);
 * ADD: empty codebook, or ``d > eps_init + E_i`` (the query's ``eps_init`` ball would not touch key ``i``'s);
 * EXPAND: overlap and the same label (exact token ids); the radius grows per ``ExpandRule``;
-* SPLIT: overlap and another label; ``E_i = min(E_i, d / 2)`` (a split never grows a ball) and the new key gets
-  ``d / 2``. The two balls then touch at most in one point, which is a hit for the older key only;
+* SPLIT: overlap and another label. ``SplitRule.HALVE`` (the paper): ``E_i = min(E_i, d / 2)`` (a split never
+  grows a ball) and the new key gets ``d / 2``; the two balls then touch at most in one point, which is a hit for
+  the older key only. ``SplitRule.KEEP``: ``E_i`` stays and the new key gets ``eps_init``; the balls overlap, and
+  since a query only ever retrieves its nearest key, the bisector between the two keys separates the labels
+  (halving takes coverage away from both edits without changing which key a query retrieves);
 * OVERWRITE: ``d == 0`` exactly and another label; the entry takes the new label and a fresh value, since a
   split would leave two identical keys of radius 0 and the new one could never be retrieved.
 
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 __all__ = ["Codebook", "CodebookContentError", "CodebookOperation", "CodebookShapeError", "CodebookUpdate",
-           "ExpandRule"]
+           "ExpandRule", "SplitRule"]
 
 
 class CodebookOperation(str, Enum):
@@ -44,6 +47,13 @@ class ExpandRule(str, Enum):
     COVERAGE = "coverage"  # E_i = max(E_i, d): the authors' code
     PAPER = "paper"  # E_i = E_i + eps_init
     MOVING_AVERAGE = "moving_average"  # key moves halfway to the query, E_i = max(E_i, d / 2)
+
+
+class SplitRule(str, Enum):
+    """What SPLIT does to the radii when a new edit's ball overlaps a key with another label."""
+
+    HALVE = "halve"  # both radii become d / 2 at most: the paper
+    KEEP = "keep"  # the old radius stays, the new key gets eps_init: nearest-key retrieval separates them
 
 
 class CodebookShapeError(ValueError):
@@ -68,8 +78,9 @@ class CodebookUpdate:
     distance: float | None
 
 
-_FLOAT_TENSORS = ("keys", "values", "radii")
+_FLOAT_TENSORS = ("keys", "values", "radii", "key_center")
 _INT_TENSORS = ("label_tokens", "label_lengths", "edit_ids")
+_ROW_TENSORS = ("keys", "values", "radii", *_INT_TENSORS)  # one row per entry (label_tokens: per label token)
 
 
 class Codebook(nn.Module):
@@ -78,7 +89,9 @@ class Codebook(nn.Module):
     ``values`` is the only parameter; everything else is a persistent buffer. All floating tensors are float32.
     Labels are stored ragged: ``label_tokens`` holds the token ids of all labels back to back and
     ``label_lengths`` says how many belong to each entry. ``next_edit_id`` is the first id not yet used.
-    ``size`` and ``label_size`` pre-allocate a codebook that is about to load a saved one.
+    ``size`` and ``label_size`` pre-allocate a codebook that is about to load a saved one. With
+    ``key_center=True`` it also holds ``key_center``, a vector that key functions subtract from pooled inputs
+    (see :mod:`grace_peft.keys`), zero until calibrated.
     """
 
     keys: torch.Tensor
@@ -87,6 +100,7 @@ class Codebook(nn.Module):
     label_lengths: torch.Tensor
     edit_ids: torch.Tensor
     next_edit_id: torch.Tensor
+    key_center: torch.Tensor | None
 
     def __init__(
         self,
@@ -95,6 +109,8 @@ class Codebook(nn.Module):
         *,
         eps_init: float,
         expand_rule: ExpandRule | str = ExpandRule.COVERAGE,
+        split_rule: SplitRule | str = SplitRule.HALVE,
+        key_center: bool = False,
         size: int = 0,
         label_size: int | None = None,
         device: torch.device | str | None = None,
@@ -106,6 +122,7 @@ class Codebook(nn.Module):
         self.value_dim = value_dim
         self.eps_init = float(eps_init)
         self.expand_rule = ExpandRule(expand_rule)
+        self.split_rule = SplitRule(split_rule)
         f32 = {"dtype": torch.float32, "device": device}
         i64 = {"dtype": torch.int64, "device": device}
         self.register_buffer("keys", torch.zeros(size, key_dim, **f32))
@@ -115,6 +132,7 @@ class Codebook(nn.Module):
         self.register_buffer("label_lengths", torch.ones(size, **i64))
         self.register_buffer("edit_ids", torch.zeros(size, **i64))
         self.register_buffer("next_edit_id", torch.zeros((), **i64))
+        self.register_buffer("key_center", torch.zeros(key_dim, **f32) if key_center else None)
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -126,7 +144,7 @@ class Codebook(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"entries={len(self)}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
-            f"eps_init={self.eps_init}, expand_rule={self.expand_rule.value}"
+            f"eps_init={self.eps_init}, expand_rule={self.expand_rule.value}, split_rule={self.split_rule.value}"
         )
 
     # ----------------------------------------------------------------------------------------------- search
@@ -193,8 +211,11 @@ class Codebook(nn.Module):
             self.edit_ids[i] = edit_id
             self.set_value(i, init_value)
             return CodebookUpdate(CodebookOperation.OVERWRITE, i, i, d)
-        self.radii[i] = min(float(self.radii[i]), d / 2)
-        new = self._append(query, init_value, d / 2, label, edit_id)
+        if self.split_rule is SplitRule.KEEP:
+            new = self._append(query, init_value, self.eps_init, label, edit_id)
+        else:
+            self.radii[i] = min(float(self.radii[i]), d / 2)
+            new = self._append(query, init_value, d / 2, label, edit_id)
         return CodebookUpdate(CodebookOperation.SPLIT, new, i, d)
 
     def reaches(self, index: int, distance: float) -> bool:
@@ -266,7 +287,7 @@ class Codebook(nn.Module):
                               error_msgs):
         # A codebook grows: resize along dim 0 to the saved size before torch compares shapes. Check every tensor
         # first, so that a refused load changes nothing.
-        present = [name for name in _FLOAT_TENSORS + _INT_TENSORS if prefix + name in state_dict]
+        present = [name for name in _ROW_TENSORS if prefix + name in state_dict]
         module = prefix.split(".grace_codebook.")[0]  # the wrapping module, as the loading model names it
         for name in present:
             saved, current = state_dict[prefix + name], getattr(self, name)
@@ -278,6 +299,14 @@ class Codebook(nn.Module):
                     f" (layer input width {self.key_dim}, output width {self.value_dim}). The adapter was saved for a "
                     "model with other layer shapes; load it onto the base model it was made for."
                 )
+        if self.key_center is not None and prefix + "key_center" in state_dict:
+            center = state_dict[prefix + "key_center"]
+            if tuple(center.shape) != (self.key_dim,):
+                raise CodebookShapeError(
+                    f"The GRACE codebook saved for module '{module}' does not fit this model: its 'key_center' has "
+                    f"shape {tuple(center.shape)}, but this module needs ({self.key_dim},). The adapter was saved for "
+                    "a model with other layer shapes; load it onto the base model it was made for.")
+            present.append("key_center")
         saved = {name: state_dict[prefix + name] for name in (*present, "next_edit_id") if prefix + name in state_dict}
         problem = saved_codebook_problem(saved)
         if problem is not None:
@@ -285,6 +314,8 @@ class Codebook(nn.Module):
         for name, tensor in saved.items():  # a loader that assigns tensors (low_cpu_mem_usage) keeps saved dtypes
             state_dict[prefix + name] = tensor.to(torch.float32 if name in _FLOAT_TENSORS else torch.int64)
         for name in present:
+            if name == "key_center":
+                continue
             rows = state_dict[prefix + name].shape[0]
             if rows != getattr(self, name).shape[0]:
                 self._resize_to(name, rows)
@@ -311,7 +342,7 @@ def saved_codebook_problem(saved: dict[str, torch.Tensor]) -> str | None:
             return f"its '{name}' has dtype {tensor.dtype}, not an integer dtype"
         if floating and not bool(torch.isfinite(tensor).all()):
             return f"its '{name}' holds NaN or infinite numbers"
-    rows = {name: saved[name].shape[0] for name in (*_FLOAT_TENSORS, "label_lengths", "edit_ids") if name in saved}
+    rows = {name: saved[name].shape[0] for name in _ROW_TENSORS if name in saved and name != "label_tokens"}
     if len(set(rows.values())) > 1:
         return f"its tensors disagree on the number of entries ({rows})"
     if "radii" in saved and bool((saved["radii"] < 0).any()):

@@ -12,7 +12,8 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from .codebook import ExpandRule
+from .codebook import ExpandRule, SplitRule
+from .keys import KEY_FUNCTIONS
 from .registration import GRACE_PEFT_TYPE
 from .saving import config_saved_with_weights
 
@@ -36,6 +37,14 @@ class GraceConfig(PeftConfig):
         eps_expand: How a key's ball grows when a new edit with the same label lands inside it: ``"coverage"``
             (radius becomes the distance to the query; the authors' code), ``"paper"`` (radius + eps_init) or
             ``"moving_average"`` (the key moves halfway to the query).
+        key: What the codebook searches (see :mod:`grace_peft.keys`): ``"last_token"`` (the paper's key: the layer
+            input at the last prompt token, Euclidean; radii in the layer's activation scale) or ``"prompt_mean"``
+            (the layer input averaged over the prompt's tokens, less a background mean, on the unit sphere: radii
+            between 0 and 2, and rewordings of a prompt land much nearer each other than other prompts do; use
+            :func:`grace_peft.calibrate` for its center and radius).
+        eps_split: What SPLIT does to the radii when a new edit lands in the ball of a key with another label:
+            ``"halve"`` (both at most half the distance between the keys: the paper) or ``"keep"`` (radii stay, the
+            nearest key decides: the balls' full coverage is kept).
         replacement: Which output positions a retrieved value replaces: ``"replace_last"`` (only the query token,
             the default: it leaves every other position of the sequence as the base model computes it),
             ``"replace_all"`` (every position, the paper's broadcast) or ``"replace_prompt"`` (the prompt up to
@@ -70,6 +79,12 @@ class GraceConfig(PeftConfig):
     eps_expand: Literal["coverage", "paper", "moving_average"] = field(
         default="coverage", metadata={"help": "How a ball grows on a same-label edit."}
     )
+    key: Literal["last_token", "prompt_mean"] = field(
+        default="last_token", metadata={"help": "What the codebook searches: the key function."}
+    )
+    eps_split: Literal["halve", "keep"] = field(
+        default="halve", metadata={"help": "How SPLIT treats radii: halve (the paper) or keep."}
+    )
     replacement: Literal["replace_last", "replace_all", "replace_prompt"] = field(
         default="replace_last", metadata={"help": "Which positions a retrieved value replaces."}
     )
@@ -100,6 +115,8 @@ class GraceConfig(PeftConfig):
         if not (isinstance(self.eps_init, (int, float)) and math.isfinite(self.eps_init) and self.eps_init > 0):
             raise ValueError(f"GraceConfig.eps_init must be a positive finite number, got {self.eps_init!r}.")
         ExpandRule(self.eps_expand)  # raises on an unknown rule
+        _check_choice("key", self.key, KEY_FUNCTIONS)
+        _check_choice("eps_split", self.eps_split, tuple(rule.value for rule in SplitRule))
         _check_choice("replacement", self.replacement, REPLACEMENT_MODES)
         _check_choice("value_init", self.value_init, VALUE_INITS)
         _check_choice("early_stop", self.early_stop, EARLY_STOP_RULES)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .codebook import Codebook
+from .keys import compute_keys, uses_center
 from .query import CallState, ForwardQuery
 
 MERGE_ERROR = (
@@ -28,12 +29,13 @@ class GraceLayer(BaseTunerLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ("grace_codebook",)
-    other_param_names: tuple[str, ...] = ("grace_replacement",)
+    other_param_names: tuple[str, ...] = ("grace_replacement", "grace_key")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.grace_codebook = nn.ModuleDict({})
         self.grace_replacement: dict[str, str] = {}
+        self.grace_key: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features, self.out_features = _widths(base_layer)
@@ -46,9 +48,12 @@ class GraceLayer(BaseTunerLayer):
             self.out_features,
             eps_init=config.eps_init,
             expand_rule=config.eps_expand,
+            split_rule=config.eps_split,
+            key_center=uses_center(config.key),
             **(codebook_shape or {}),
         )
         self.grace_replacement[adapter_name] = config.replacement
+        self.grace_key[adapter_name] = config.key
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -97,7 +102,7 @@ class Linear(nn.Module, GraceLayer):
     def _query_for(self, inputs: torch.Tensor) -> ForwardQuery:
         batch, length = inputs.shape[0], inputs.shape[1]
         current = self.call_state.current
-        if current is None:  # called outside a hooked model forward: the last token of every row
+        if current is None:  # called outside a hooked model forward: every token of every row is the prompt
             positions = torch.full((batch,), length - 1, dtype=torch.long, device=inputs.device)
             return ForwardQuery(positions=positions, decoding=False)
         if current.decoding:
@@ -109,7 +114,8 @@ class Linear(nn.Module, GraceLayer):
                 f"{tuple(inputs.shape)}: the wrapped module does not see the model's token sequence. Target a module "
                 "in the main token path (an MLP projection of a decoder or encoder block)."
             )
-        return ForwardQuery(positions=positions, decoding=False, prefill=current.prefill)
+        starts = None if current.starts is None else current.starts.to(inputs.device)
+        return ForwardQuery(positions=positions, decoding=False, prefill=current.prefill, starts=starts)
 
     def _replace(self, adapter: str, inputs: torch.Tensor, output: torch.Tensor, query: ForwardQuery) -> torch.Tensor:
         codebook = self.grace_codebook[adapter]
@@ -126,7 +132,7 @@ class Linear(nn.Module, GraceLayer):
         else:
             rows = torch.arange(batch, device=output.device)
             positions = query.positions
-            query_inputs = inputs[rows, positions]
+            query_inputs = compute_keys(self.grace_key[adapter], inputs, positions, query.starts, codebook.key_center)
             self.call_state.record(self, adapter, query_inputs, output[rows, positions])
             values = self.call_state.forced_values(self, adapter)
             if values is None:

@@ -44,6 +44,7 @@ class Prefill:
     length: int  # prompt tokens per row
     positions: torch.Tensor  # (batch,) query position per row
     input_ids: torch.Tensor | None
+    starts: torch.Tensor | None = None  # (batch,) first non-padding position per row (None: 0)
     hits: dict[tuple[Any, str], torch.Tensor] = field(default_factory=dict)  # (layer, adapter) -> (batch,) index/-1
 
     def is_rerun_of_prompt(self, input_ids: torch.Tensor | None, batch: int, length: int) -> bool:
@@ -62,6 +63,7 @@ class ForwardQuery:
     positions: torch.Tensor | None  # (batch,) query position per row; None on a decoding step
     decoding: bool  # continues earlier sequences: only generated tokens are seen, nothing queries
     prefill: Prefill | None = None  # the prefill this forward is (or continues); None when unknown
+    starts: torch.Tensor | None = None  # (batch,) first non-padding position per row; None: 0 (no padding)
 
 
 def last_token_positions(length: int, attention_mask: torch.Tensor | None, batch: int,
@@ -71,6 +73,13 @@ def last_token_positions(length: int, attention_mask: torch.Tensor | None, batch
         return torch.full((batch,), length - 1, dtype=torch.long, device=device)
     # index of the last 1 in each row, whichever side the padding is on
     return (length - 1 - attention_mask.flip(-1).ne(0).to(torch.int8).argmax(-1)).to(device=device, dtype=torch.long)
+
+
+def first_token_positions(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """First non-padding position of each row (None without a mask: every row starts at 0)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != (batch, length):
+        return None
+    return attention_mask.ne(0).to(torch.int8).argmax(-1).to(torch.long)
 
 
 def label_query_positions(labels: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -156,12 +165,19 @@ class CallState:
             self.current = None
             return args, kwargs
         batch, length = reference.shape[0], reference.shape[1]
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > length:
+            mask = mask[:, -length:]  # the mask also covers cached tokens; this forward's are the last ones
+        if not isinstance(mask, torch.Tensor):
+            mask = None
+        starts = first_token_positions(mask, batch, length)
         if override is not None:
             positions = torch.as_tensor(override, dtype=torch.long, device=reference.device).reshape(-1)
             if positions.numel() != batch or (positions < 0).any() or (positions >= length).any():
                 raise ValueError(f"{QUERY_POSITIONS_KWARG} must hold one position in [0, {length}) per row of the "
                                  f"batch ({batch} rows); got {positions.tolist()}.")
-            self.current = ForwardQuery(positions, decoding=False, prefill=Prefill(length, positions, input_ids))
+            prefill = Prefill(length, positions, input_ids, starts)
+            self.current = ForwardQuery(positions, decoding=False, prefill=prefill, starts=starts)
             return args, kwargs
         cache = _cache_in(inputs.values())
         cached = _holds_tokens(cache)
@@ -169,7 +185,7 @@ class CallState:
             earlier = self._generation_prefill
             if earlier is not None and not cached and earlier.is_rerun_of_prompt(input_ids, batch, length):
                 # generation without a cache: the whole sequence again, queried where its prefill was
-                self.current = ForwardQuery(earlier.positions, decoding=False, prefill=earlier)
+                self.current = ForwardQuery(earlier.positions, decoding=False, prefill=earlier, starts=earlier.starts)
                 return args, kwargs
             decoding = earlier is not None
         else:
@@ -178,17 +194,14 @@ class CallState:
         if decoding:
             self.current = ForwardQuery(None, decoding=True, prefill=earlier)
             return args, kwargs
-        mask = inputs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > length:
-            mask = mask[:, -length:]  # the mask also covers cached tokens; this forward's are the last ones
         positions = last_token_positions(length, mask, batch, reference.device)
         labels = inputs.get("labels")
         if self.labels_mark_targets and isinstance(labels, torch.Tensor) and labels.shape[:2] == (batch, length):
             positions = label_query_positions(labels, positions)
-        prefill = Prefill(length, positions, input_ids)
+        prefill = Prefill(length, positions, input_ids, starts)
         if self._generating:
             self._generation_prefill = prefill
-        self.current = ForwardQuery(positions, decoding=False, prefill=prefill)
+        self.current = ForwardQuery(positions, decoding=False, prefill=prefill, starts=starts)
         return args, kwargs
 
     def post_forward_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
