@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eps-init", type=float, default=SMOLLM2_EPS_INIT,
                         help=f"initial radius (default {SMOLLM2_EPS_INIT})")
     parser.add_argument("--replacement", default="replace_last", help="replacement mode (default replace_last)")
+    parser.add_argument("--key", default="last_token", help="GraceConfig.key (default last_token)")
+    parser.add_argument("--eps-split", default="halve", help="GraceConfig.eps_split (default halve)")
+    parser.add_argument("--key-layer", type=int,
+                        help="make the key of this block's MLP down projection input (GraceConfig.key_module)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
     parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
     parser.add_argument("--immediate", action="store_true",
@@ -77,7 +81,10 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
                    reuse_frozen_layers: bool = True, checkpoint_every: int | None = None, immediate: bool = False,
                    edit_batch_size: int | None = None):
     """One lifelong run on a fresh copy of the base model."""
-    options = {"replacement": args.replacement, "max_steps": args.max_steps, **(procedure or {})}
+    options = {"replacement": args.replacement, "max_steps": args.max_steps, "key": args.key,
+               "eps_split": args.eps_split, **(procedure or {})}
+    if args.key_layer is not None:
+        options["key_module"] = mlp_output_projection(base, args.key_layer)
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
     editor = GraceEditor(model, tokenizer, progress=False, reuse_frozen_layers=reuse_frozen_layers)

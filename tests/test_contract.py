@@ -44,8 +44,14 @@ CASES = {
     "llama-prompt-mean": ("llama", {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.3}),
     "t5-prompt-mean": ("t5", {"key": "prompt_mean", "eps_init": 0.3}),
     "bert-prompt-mean": ("bert", {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.3}),
+    "gpt2-key-module": ("gpt2", {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.3,
+                                 "key_module": "transformer.h.0.mlp.c_proj"}),
+    "llama-key-module": ("llama", {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.3,
+                                   "key_module": "model.layers.0.mlp.down_proj"}),
+    "t5-key-module": ("t5", {"key": "prompt_mean", "eps_init": 0.3,
+                             "key_module": "encoder.block.0.layer.1.DenseReluDense.wo"}),
 }
-GRACE_SETTINGS = ("target_modules", "key", "eps_init", "eps_expand", "eps_split", "replacement", "value_init",
+GRACE_SETTINGS = ("target_modules", "key", "key_module", "eps_init", "eps_expand", "eps_split", "replacement", "value_init",
                   "learning_rate",
                   "max_steps", "early_stop", "stop_loss", "skip_if_correct", "seed")
 SAVED_TENSORS = {"keys", "values", "radii", "label_tokens", "label_lengths", "edit_ids", "next_edit_id"}

@@ -42,6 +42,10 @@ class GraceConfig(PeftConfig):
             (the layer input averaged over the prompt's tokens, less a background mean, on the unit sphere: radii
             between 0 and 2, and rewordings of a prompt land much nearer each other than other prompts do; use
             :func:`grace_peft.calibrate` for its center and radius).
+        key_module: The module whose input the key is made of, when it is not the wrapped module itself (``None``):
+            a Linear or Conv1D that runs before the wrapped module in the same token sequence, e.g.
+            ``"model.layers.3.mlp.down_proj"``. The value still replaces the wrapped module's output, so an edit is
+            recognised where its rewordings lie close together and steers the answer where the answer is made.
         eps_split: What SPLIT does to the radii when a new edit lands in the ball of a key with another label:
             ``"halve"`` (both at most half the distance between the keys: the paper) or ``"keep"`` (radii stay, the
             nearest key decides: the balls' full coverage is kept).
@@ -81,6 +85,9 @@ class GraceConfig(PeftConfig):
     )
     key: Literal["last_token", "prompt_mean"] = field(
         default="last_token", metadata={"help": "What the codebook searches: the key function."}
+    )
+    key_module: str | None = field(
+        default=None, metadata={"help": "Module whose input makes the key (default: the wrapped module)."}
     )
     eps_split: Literal["halve", "keep"] = field(
         default="halve", metadata={"help": "How SPLIT treats radii: halve (the paper) or keep."}

@@ -29,22 +29,25 @@ class GraceLayer(BaseTunerLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ("grace_codebook",)
-    other_param_names: tuple[str, ...] = ("grace_replacement", "grace_key")
+    other_param_names: tuple[str, ...] = ("grace_replacement", "grace_key", "grace_key_module")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.grace_codebook = nn.ModuleDict({})
         self.grace_replacement: dict[str, str] = {}
         self.grace_key: dict[str, str] = {}
+        self.grace_key_module: dict[str, str | None] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.in_features, self.out_features = _widths(base_layer)
+        self.in_features, self.out_features = widths(base_layer)
         self.call_state = CallState()
 
-    def update_layer(self, adapter_name: str, config, codebook_shape: dict[str, int] | None = None) -> None:
-        """Add an adapter's codebook to this layer (pre-sized by ``codebook_shape`` when it is about to load)."""
+    def update_layer(self, adapter_name: str, config, codebook_shape: dict[str, int] | None = None,
+                     key_dim: int | None = None) -> None:
+        """Add an adapter's codebook to this layer (pre-sized by ``codebook_shape`` when it is about to load; keys
+        of width ``key_dim`` when they come from another module than this one)."""
         self.grace_codebook[adapter_name] = Codebook(
-            self.in_features,
+            key_dim or self.in_features,
             self.out_features,
             eps_init=config.eps_init,
             expand_rule=config.eps_expand,
@@ -54,6 +57,7 @@ class GraceLayer(BaseTunerLayer):
         )
         self.grace_replacement[adapter_name] = config.replacement
         self.grace_key[adapter_name] = config.key
+        self.grace_key_module[adapter_name] = config.key_module
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -79,11 +83,11 @@ class Linear(nn.Module, GraceLayer):
     """GRACE around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2): both map ``(..., in) -> (..., out)``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config,
-                 codebook_shape: dict[str, int] | None = None) -> None:
+                 codebook_shape: dict[str, int] | None = None, key_dim: int | None = None) -> None:
         super().__init__()
         GraceLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, codebook_shape)
+        self.update_layer(adapter_name, config, codebook_shape, key_dim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -132,11 +136,12 @@ class Linear(nn.Module, GraceLayer):
         else:
             rows = torch.arange(batch, device=output.device)
             positions = query.positions
-            query_inputs = compute_keys(self.grace_key[adapter], inputs, positions, query.starts, codebook.key_center)
-            self.call_state.record(self, adapter, query_inputs, output[rows, positions])
             values = self.call_state.forced_values(self, adapter)
+            if values is None or self.call_state.recording:
+                keys = self._keys(adapter, inputs, query)
+                self.call_state.record(self, adapter, keys, output[rows, positions])
             if values is None:
-                hits = codebook.lookup(query_inputs)
+                hits = codebook.lookup(keys)
                 if query.prefill is not None:
                     query.prefill.hits[(self, adapter)] = hits
                 if not bool((hits >= 0).any()):
@@ -154,11 +159,26 @@ class Linear(nn.Module, GraceLayer):
             mask = span & row_hit[:, None]
         return torch.where(mask[..., None], values[:, None, :].to(output.dtype), output)
 
+    def _keys(self, adapter: str, inputs: torch.Tensor, query: ForwardQuery) -> torch.Tensor:
+        """The keys of this forward's rows: from this layer's input, or from the input of the adapter's key module
+        (kept by its pre-hook earlier in the same forward)."""
+        key_module = self.grace_key_module.get(adapter)
+        if key_module is not None:
+            source = self.call_state.key_input(key_module)
+            if source is None or source.shape[:2] != inputs.shape[:2]:
+                raise RuntimeError(
+                    f"GRACE key module '{key_module}' did not see this forward's tokens before the wrapped layer ran: "
+                    "choose a key module that runs earlier in the same token sequence (a lower block's MLP "
+                    "projection).")
+            inputs = source if source.dim() == 3 else source.unsqueeze(1)
+        codebook = self.grace_codebook[adapter]
+        return compute_keys(self.grace_key[adapter], inputs, query.positions, query.starts, codebook.key_center)
+
     def __repr__(self) -> str:
         return "grace." + super().__repr__()
 
 
-def _widths(module: nn.Module) -> tuple[int, int]:
+def widths(module: nn.Module) -> tuple[int, int]:
     """Input and output widths of a supported base layer (Conv1D stores its weight as ``(in, out)``)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features

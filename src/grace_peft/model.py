@@ -13,7 +13,7 @@ from torch import nn
 from .codebook import CodebookContentError, corrupt_codebook_error, saved_codebook_problem
 from .config import GraceConfig
 from .inputs import is_encoder_decoder
-from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer
+from .layer import MERGE_ERROR, GraceLayer, Linear, supported_base_layer, widths
 from .query import CallState
 from .registration import ADAPTER_PREFIX
 
@@ -41,6 +41,7 @@ class GraceModel(BaseTuner):
         _check_adapter_name(adapter_name)
         _check_targets_exist(model, config)
         _check_targets_can_be_wrapped(model, config)
+        _check_key_module(model, config)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _pre_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
@@ -58,10 +59,13 @@ class GraceModel(BaseTuner):
     def _create_and_replace(self, peft_config: GraceConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **kwargs: Any) -> None:
         codebook_shape = peft_config.codebook_sizes.get(current_key)
+        key_dim = None
+        if peft_config.key_module is not None:
+            key_dim = widths(self.model.get_submodule(peft_config.key_module))[0]
         if isinstance(target, GraceLayer):
-            target.update_layer(adapter_name, peft_config, codebook_shape)
+            target.update_layer(adapter_name, peft_config, codebook_shape, key_dim)
             return
-        new_module = Linear(target, adapter_name, peft_config, codebook_shape)
+        new_module = Linear(target, adapter_name, peft_config, codebook_shape, key_dim)
         new_module.call_state = self._call_state
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -69,13 +73,18 @@ class GraceModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: GraceConfig, adapter_name: str) -> None:
         state = self._call_state
-        if state.hooks:
+        if config.key_module is not None and config.key_module not in state.key_modules:
+            key_module = model.get_submodule(config.key_module)
+            state.hooks.append(key_module.register_forward_pre_hook(state.key_input_hook(config.key_module)))
+            state.key_modules.add(config.key_module)
+        if state.generate_wrapped:
             return
         hooked = _query_hook_module(model)
         state.hooks = [
             hooked.register_forward_pre_hook(state.pre_forward_hook, with_kwargs=True),
             hooked.register_forward_hook(state.post_forward_hook, always_call=True),  # also after a forward that raised
         ]
+        state.generate_wrapped = True
         generate = getattr(model, "generate", None)
         if callable(generate):
             # Every route to generation (PeftModel.generate, pipelines, model.generate) ends here, so this is where
@@ -114,6 +123,14 @@ def grace_layers(model: nn.Module, adapter_name: str) -> dict[str, GraceLayer]:
         for name, module in model.named_modules()
         if isinstance(module, GraceLayer) and adapter_name in module.grace_codebook
     }
+
+
+def named_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of ``model`` (a PeftModel or the transformers model) named ``name`` in the transformers model."""
+    for full_name, module in model.named_modules():
+        if full_name.removeprefix(PEFT_WRAPPER_PREFIX) == name:
+            return module
+    raise ValueError(f"{type(model).__name__} has no module named {name!r}.")
 
 
 def codebook_sizes(model: nn.Module, adapter_name: str) -> dict[str, dict[str, int]]:
@@ -182,6 +199,8 @@ def _remove_plumbing(model: nn.Module, state: CallState) -> None:
     for handle in state.hooks:
         handle.remove()
     state.hooks = []
+    state.key_modules = set()
+    state.generate_wrapped = False
     wrapper = model.__dict__.get("generate")
     if isinstance(wrapper, GenerateAsOneCall):
         if wrapper.generate == type(model).generate.__get__(model):
@@ -297,6 +316,24 @@ def target_suggestions(model: nn.Module, wanted: list[str]) -> str:
     wrappable = [name for name, module in model.named_modules() if supported_base_layer(module)]
     close = sorted({match for want in wanted for match in difflib.get_close_matches(want, wrappable, n=3)})
     return f"Close matches: {close}." if close else f"Some wrappable modules: {wrappable[-4:]}."
+
+
+def _check_key_module(model: nn.Module, config: GraceConfig) -> None:
+    """The key module must exist and be a projection whose input width is known (a Linear or Conv1D)."""
+    if config.key_module is None:
+        return
+    try:
+        module = model.get_submodule(config.key_module)
+    except AttributeError:
+        wanted = [config.key_module]
+        raise ValueError(f"GraceConfig.key_module {config.key_module!r} is not a module of {type(model).__name__}. "
+                         f"{target_suggestions(model, wanted)} Give its full name.") from None
+    if isinstance(module, GraceLayer):
+        module = module.get_base_layer()
+    if not supported_base_layer(module):
+        raise TypeError(f"GraceConfig.key_module '{config.key_module}' is a {type(module).__name__}; the key is made "
+                        "of the input of a Linear or Conv1D (for example a lower block's MLP down projection).")
+    _check_sees_input_tokens(model, module, config.key_module)
 
 
 def _check_targets_exist(model: nn.Module, config: GraceConfig) -> None:

@@ -112,6 +112,9 @@ class CallState:
         self._forced: dict[tuple[Any, str], torch.Tensor] = {}
         self._positional_names: dict[type, list[str]] = {}
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []  # the model's query hooks, removed by unload
+        self.key_modules: set[str] = set()  # modules whose input some adapter's key is made of (hooked)
+        self.generate_wrapped = False
+        self._key_inputs: dict[str, torch.Tensor] = {}  # their inputs in the current forward
 
     # ------------------------------------------------------------------------------------------ scopes
     @contextmanager
@@ -153,10 +156,26 @@ class CallState:
     def forced_values(self, layer: Any, adapter: str) -> torch.Tensor | None:
         return self._forced.get((layer, adapter))
 
+    @property
+    def recording(self) -> bool:
+        return self._recorded is not None
+
+    def key_input_hook(self, name: str):
+        """A forward pre-hook for the key module ``name``: keeps its input for the layers of this forward."""
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if self.current is not None and not self.current.decoding and args:
+                self._key_inputs[name] = args[0]
+        return hook
+
+    def key_input(self, name: str) -> torch.Tensor | None:
+        """The input of key module ``name`` in the current forward (None when it has not run)."""
+        return self._key_inputs.get(name)
+
     # ------------------------------------------------------------------------------------------ forward hooks
     def pre_forward_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
         """``register_forward_pre_hook(..., with_kwargs=True)`` target: records the query of this call."""
         override = kwargs.pop(QUERY_POSITIONS_KWARG, None)
+        self._key_inputs.clear()
         inputs = dict(zip(self._positional(module), args, strict=False))
         inputs.update(kwargs)
         input_ids = inputs.get("input_ids")
@@ -208,6 +227,7 @@ class CallState:
         """``register_forward_hook(..., always_call=True)`` target: a prefill's decisions follow the cache object it
         filled (a hand-written decoding loop continues from it); the forward's query ends here."""
         current, self.current = self.current, None
+        self._key_inputs.clear()
         if current is None or current.decoding or current.prefill is None or self._generating:
             return
         values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else ()
