@@ -85,7 +85,8 @@ def test_background_texts_are_the_models_own_seeded_and_leave_the_callers_rng_al
 
 
 @pytest.mark.parametrize("texts, rate, message", [
-    (TEXTS[:5], 0.01, "at least 20 background texts"),
+    (TEXTS[:5], 0.01, "at least 20 different background texts"),
+    (TEXTS[:10] * 3, 0.01, "at least 20 different background texts"),
     (TEXTS, 0.0, "between 0 and 1"),
     (TEXTS, 1.5, "between 0 and 1"),
 ])

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, TinyModel
+from conftest import FAR_PROMPT, NEAR_PROMPTS, TINY_MODELS, WORDS, TinyModel
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from grace_peft import adapter_files, calibrate
 from grace_peft.adapter_files import summarize_adapter
 from grace_peft.apps import base_models, cli
 from grace_peft.evaluation import Evaluator, read_edits
@@ -417,3 +418,35 @@ def test_batched_edit_gives_the_same_adapter_as_one_at_a_time(gpt2, tmp_path):
     assert one["num_keys"] == batched["num_keys"] > 0
     assert [m["distinct_edit_ids"] for m in one["modules"].values()] == \
         [m["distinct_edit_ids"] for m in batched["modules"].values()]
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+def test_calibrate_saves_an_empty_calibrated_adapter_that_edit_continues(gpt2, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(" ".join(WORDS[5 + (i * 7 + j * 3) % 40] for j in range(2 + i % 5)) for i in range(30)))
+    folder = str(tmp_path / "calibrated")
+    code, out, _ = run_cli(capsys, "calibrate", gpt2.model, "-o", folder, "--layer", "1", "--key", "prompt_mean",
+                           "--key-layer", "0", "--eps-split", "keep", "--texts", str(texts), "--no-progress")
+    assert code == 0 and "on 30 background texts" in out
+    config = adapter_files.read_adapter_config(folder)
+    expected = calibrate(PeftModel.from_pretrained(gpt2.tiny.fresh(), folder), gpt2.tiny.tokenizer,
+                         texts.read_text().splitlines(), progress=False)
+    assert config["eps_init"] == pytest.approx(expected.eps_init)
+    assert (config["key"], config["key_module"], config["eps_split"]) == ("prompt_mean", "transformer.h.0.mlp.c_proj",
+                                                                           "keep")
+    assert summarize_adapter(folder)["num_keys"] == 0
+    edited = str(tmp_path / "edited")
+    assert run_cli(capsys, "edit", gpt2.model, gpt2.edits, "-o", edited, "--adapter", folder, "--no-progress")[0] == 0
+    assert summarize_adapter(edited)["num_keys"] >= 1
+    assert adapter_files.read_adapter_config(edited)["eps_init"] == config["eps_init"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--false-hit-rate", "2"], "--false-hit-rate must be between 0 and 1"),
+    (["--texts", "missing.txt"], "cannot read --texts"),
+    (["--key-layer", "9"], "layer 9 is out of range"),
+])
+def test_calibrate_input_errors_exit_2_with_one_line(gpt2, tmp_path, capsys, argv, message):
+    code, _, err = run_cli(capsys, "calibrate", gpt2.model, "-o", str(tmp_path / "a"), "--no-progress", *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()

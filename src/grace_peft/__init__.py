@@ -5,6 +5,7 @@
 import changes outside grace_peft is listed in :mod:`grace_peft.registration`.
 """
 
+from .calibration import Calibration, apply_calibration, background_texts, calibrate
 from .codebook import (
     Codebook,
     CodebookContentError,
@@ -12,6 +13,7 @@ from .codebook import (
     CodebookShapeError,
     CodebookUpdate,
     ExpandRule,
+    SplitRule,
 )
 from .config import GraceConfig
 from .editing import EditReport, EditsPartlyApplied, GraceEditor
@@ -26,6 +28,7 @@ install(GraceConfig, GraceModel)
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "Codebook",
     "CodebookContentError",
     "CodebookOperation",
@@ -40,7 +43,11 @@ __all__ = [
     "GraceLayer",
     "GraceModel",
     "Linear",
+    "SplitRule",
     "Task",
+    "apply_calibration",
+    "background_texts",
+    "calibrate",
     "codebook_sizes",
     "model_card",
     "push_edits",

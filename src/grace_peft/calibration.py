@@ -77,9 +77,9 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, *
                          "and a GraceConfig first.")
     if texts is None:
         texts = background_texts(model, tokenizer, progress=progress)
-    texts = [text for text in texts if isinstance(text, str) and text.strip()]
+    texts = list(dict.fromkeys(text.strip() for text in texts if isinstance(text, str) and text.strip()))
     if len(texts) < 20:
-        raise ValueError(f"Calibration needs at least 20 background texts, got {len(texts)}.")
+        raise ValueError(f"Calibration needs at least 20 different background texts, got {len(texts)}.")
     kind = model.peft_config[adapter_name].key
     pooled = _pooled_inputs(model, tokenizer, texts, adapter_name, layers, kind, batch_size, progress)
     centers, nearest = {}, {}

@@ -26,12 +26,23 @@ def uses_center(kind: str) -> bool:
 def compute_keys(kind: str, inputs: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor | None,
                  center: torch.Tensor | None = None) -> torch.Tensor:
     """The keys of a batch (float32, ``(batch, d)``) by the key function ``kind``."""
-    rows = torch.arange(inputs.shape[0], device=inputs.device)
+    return keys_of_pooled(kind, pool(kind, inputs, positions, starts), center)
+
+
+def pool(kind: str, inputs: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
+    """The first half of a key function: one vector per row, in the layer's input space (float32)."""
     if kind == "last_token":
-        return inputs[rows, positions].float()
+        return inputs[torch.arange(inputs.shape[0], device=inputs.device), positions].float()
     if kind == "prompt_mean":
-        return unit(prompt_mean(inputs, positions, starts) - (0 if center is None else center.to(inputs.device)))
+        return prompt_mean(inputs, positions, starts)
     raise ValueError(f"Unknown GRACE key function {kind!r}; choose one of {', '.join(KEY_FUNCTIONS)}.")
+
+
+def keys_of_pooled(kind: str, pooled: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half: the key of each pooled vector (centered and on the unit sphere for ``prompt_mean``)."""
+    if not uses_center(kind):
+        return pooled
+    return unit(pooled - (0 if center is None else center.to(pooled.device)))
 
 
 def prompt_mean(inputs: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:

@@ -27,9 +27,12 @@ from transformers.utils import logging as hf_logging
 from .. import adapter_files
 from ..adapter_files import AdapterFileError, summarize_adapter
 from ..atomic import atomic_file
+from ..calibration import apply_calibration, calibrate
+from ..codebook import SplitRule
 from ..config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
 from ..editing import EditReport, GraceEditor
 from ..evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
+from ..keys import KEY_FUNCTIONS
 from ..model import codebook_sizes
 from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, ModelLoadError, load_model, mlp_output_projection
 
@@ -39,7 +42,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 METRICS = ("rel", "gen", "loc", "upstream")
 
 # GraceConfig fields that `edit` options set (same names as the argparse dests); refused with --adapter.
-CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop")
+CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop", "key", "eps_split")
 
 
 class CliError(Exception):
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_edit_parser(commands)
+    _add_calibrate_parser(commands)
     _add_eval_parser(commands)
     _add_inspect_parser(commands)
     return parser
@@ -112,6 +116,7 @@ def _add_edit_parser(commands) -> None:
                       help="radius of a new codebook key, in the layer's input space; it scales with the layer's "
                            f"activations (default: {SMOLLM2_EPS_INIT} for {SMOLLM2} at its default layer "
                            f"{SMOLLM2_LAYER}, as measured in the README; else {defaults['eps_init']})")
+    _add_key_options(edit, defaults)
     edit.add_argument("--replacement", choices=REPLACEMENT_MODES,
                       help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
     edit.add_argument("--max-steps", type=_positive_int, metavar="N",
@@ -133,6 +138,43 @@ def _add_edit_parser(commands) -> None:
     edit.add_argument("--dtype", choices=DTYPES, default="float32",
                       help="dtype to load the model in (default: float32)")
     edit.set_defaults(run=run_edit)
+
+
+def _add_key_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    parser.add_argument("--key", choices=KEY_FUNCTIONS,
+                        help="what the codebook searches: the last prompt token's input (the paper) or the mean "
+                             f"over the prompt (see the README; default: {defaults['key']})")
+    parser.add_argument("--key-layer", type=_non_negative_int, metavar="N",
+                        help="make the key of block N's MLP projection input instead of the edited module's own "
+                             "(GraceConfig.key_module)")
+    parser.add_argument("--eps-split", choices=[rule.value for rule in SplitRule],
+                        help=f"radii on a SPLIT: halve (the paper) or keep (default: {defaults['eps_split']})")
+
+
+def _add_calibrate_parser(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate", help="measure the radius (and key center) for a model from unrelated text; save an empty "
+                          "adapter to edit with",
+        description="Measure the radius of new keys for MODEL at the edited layer from background text (texts the "
+                    "model generates itself, or --texts), for a stated false-hit rate, and save an empty GRACE "
+                    "adapter with it to --output. Continue with: grace-peft edit MODEL EDITS --adapter DIR.")
+    _add_model_argument(calibrate)
+    calibrate.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to save the adapter to")
+    target = calibrate.add_mutually_exclusive_group()
+    target.add_argument("--target-modules", nargs="+", metavar="NAME", help="modules to wrap (as for edit)")
+    target.add_argument("--layer", type=_non_negative_int, metavar="N", help="wrap block N's MLP output "
+                        "projection (as for edit)")
+    defaults = {item.name: item.default for item in dataclasses.fields(GraceConfig)}
+    _add_key_options(calibrate, defaults)
+    calibrate.add_argument("--replacement", choices=REPLACEMENT_MODES,
+                           help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
+    calibrate.add_argument("--false-hit-rate", type=_positive_float, default=0.01, metavar="P",
+                           help="fraction of unrelated prompts allowed within the radius of a key, with a codebook "
+                                "as dense as the background set (default: 0.01)")
+    calibrate.add_argument("--texts", metavar="FILE",
+                           help="background texts, one per line (default: 256 texts the model generates itself)")
+    _add_no_progress(calibrate)
+    calibrate.set_defaults(run=run_calibrate)
 
 
 def _add_eval_parser(commands) -> None:
@@ -203,7 +245,8 @@ def run_edit(args: argparse.Namespace) -> int:
     """``grace-peft edit``: apply the edits and save the adapter."""
     options = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
     if args.adapter:
-        given = [name for name in ("target_modules", "layer") if getattr(args, name) is not None] + list(options)
+        given = [name for name in ("target_modules", "layer", "key_layer") if getattr(args, name) is not None]
+        given += list(options)
         if given:
             drop = ", ".join("--" + name.replace("_", "-") for name in given)
             raise CliError(f"--adapter continues an adapter with its own configuration; drop {drop}")
@@ -215,11 +258,7 @@ def run_edit(args: argparse.Namespace) -> int:
     else:
         if args.model == SMOLLM2 and not args.target_modules and args.layer in (None, SMOLLM2_LAYER):
             options.setdefault("eps_init", SMOLLM2_EPS_INIT)
-        config = GraceConfig(target_modules=resolve_targets(model, args.target_modules, args.layer), **options)
-        try:
-            peft_model = get_peft_model(model, config)
-        except (ValueError, TypeError, NotImplementedError) as error:  # a module GRACE cannot wrap
-            raise CliError(str(error)) from None
+        peft_model = wrap_model(model, args, options)
     check_chat(args.chat, tokenizer, args.model)
     editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress, chat=args.chat)
     started = time.perf_counter()
@@ -237,6 +276,51 @@ def run_edit(args: argparse.Namespace) -> int:
                       for record, report in zip(records, reports, strict=True)],
         })
         print(f"report written to {args.report}")
+    return 0
+
+
+def wrap_model(model: nn.Module, args: argparse.Namespace, options: dict[str, Any]) -> PeftModel:
+    """``model`` with a new GRACE adapter at the modules the target options name."""
+    if args.key_layer is not None:
+        options["key_module"] = mlp_output_projection(model, args.key_layer)
+    try:
+        config = GraceConfig(target_modules=resolve_targets(model, args.target_modules, args.layer), **options)
+        return get_peft_model(model, config)
+    except (ValueError, TypeError, NotImplementedError) as error:  # a module GRACE cannot wrap, a bad option
+        raise CliError(str(error)) from None
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``grace-peft calibrate``: measure the radius on background text and save an empty adapter with it."""
+    if not 0 < args.false_hit_rate < 1:
+        raise CliError(f"--false-hit-rate must be between 0 and 1, got {args.false_hit_rate}")
+    texts = None
+    if args.texts:
+        try:
+            with open(args.texts, encoding="utf-8") as file:
+                texts = [line.strip() for line in file if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise CliError(f"cannot read --texts {args.texts}: {error}") from None
+    model, tokenizer = load_model(args.model)
+    options = {name: getattr(args, name) for name in ("key", "eps_split", "replacement")
+               if getattr(args, name) is not None}
+    peft_model = wrap_model(model, args, options)
+    try:
+        result = calibrate(peft_model, tokenizer, texts, false_hit_rate=args.false_hit_rate,
+                           progress=not args.no_progress)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    apply_calibration(peft_model, result)
+    peft_model.save_pretrained(args.output)
+    config = peft_model.peft_config[ADAPTER_NAME]
+    print(f"GRACE calibration of {', '.join(sorted(config.target_modules))} (key {config.key}"
+          f"{' of ' + config.key_module if config.key_module else ''}) on {result.texts} background texts")
+    for name, distances in result.nearest_distances.items():
+        print(f"  {name}: nearest-background distance median {statistics.median(distances):.4g}, "
+              f"{args.false_hit_rate:g} quantile {result.eps_init:.4g}")
+    print(f"  eps_init        {result.eps_init:.4g}")
+    print(f"empty adapter saved to {args.output}; edit with: {PROG} edit {args.model} EDITS --adapter {args.output}")
     return 0
 
 
