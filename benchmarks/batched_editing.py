@@ -20,7 +20,7 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
-from grace_peft.apps.base_models import SMOLLM2_EPS_INIT, load_model, mlp_output_projection
+from grace_peft.apps.base_models import SMOLLM2_EPS_INIT, load_model, mlp_output_projection, smollm2_settings
 from grace_peft.atomic import atomic_file
 from grace_peft.evaluation import Evaluator, read_edits
 
@@ -40,6 +40,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def key_settings(base, args: argparse.Namespace) -> dict:
+    """SmolLM2's measured key settings when SmolLM2 is edited at its default layer; the paper's key otherwise."""
+    if args.model != "smollm2" or args.target_module:
+        return {}
+    settings = smollm2_settings(base)
+    return {name: settings[name] for name in ("key", "key_module", "eps_split")}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.data.is_file():
@@ -51,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target_module or mlp_output_projection(base)
     rows, reference = [], None
     for size in [int(value) for value in args.sizes.split(",")]:
-        model = get_peft_model(copy.deepcopy(base), GraceConfig(target_modules=[target], eps_init=args.eps_init))
+        model = get_peft_model(copy.deepcopy(base), GraceConfig(target_modules=[target], eps_init=args.eps_init,
+                                                                **key_settings(base, args)))
         editor = GraceEditor(model, tokenizer, progress=False)
         started = time.perf_counter()
         reports = editor.edit_many(edits, batch_size=size)

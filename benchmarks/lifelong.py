@@ -27,7 +27,14 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
-from grace_peft.apps.base_models import SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
+from grace_peft.apps.base_models import (
+    SMOLLM2_EPS_INIT,
+    SMOLLM2_KEY_LAYER,
+    SMOLLM2_KEY_SETTINGS,
+    SMOLLM2_LAYER,
+    load_model,
+    mlp_output_projection,
+)
 from grace_peft.atomic import atomic_file
 from grace_peft.evaluation import Protocol, read_edits, run_lifelong
 
@@ -47,11 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layer", type=int, default=SMOLLM2_LAYER,
                         help=f"block whose MLP down projection is edited (default {SMOLLM2_LAYER})")
     parser.add_argument("--target-module", help="explicit module name (overrides --layer)")
-    parser.add_argument("--eps-init", type=float, default=SMOLLM2_EPS_INIT,
-                        help=f"initial radius (default {SMOLLM2_EPS_INIT})")
+    parser.add_argument("--eps-init", type=float,
+                        help=f"initial radius (default: {SMOLLM2_EPS_INIT} with SmolLM2's key settings, else 1.0)")
     parser.add_argument("--replacement", default="replace_last", help="replacement mode (default replace_last)")
-    parser.add_argument("--key", default="last_token", help="GraceConfig.key (default last_token)")
-    parser.add_argument("--eps-split", default="halve", help="GraceConfig.eps_split (default halve)")
+    parser.add_argument("--key", help="GraceConfig.key (default: SmolLM2's settings for --model smollm2, that is "
+                        f"{SMOLLM2_KEY_SETTINGS} with the key of block {SMOLLM2_KEY_LAYER}; else last_token)")
+    parser.add_argument("--eps-split", help="GraceConfig.eps_split (default: as --key)")
     parser.add_argument("--key-layer", type=int,
                         help="make the key of this block's MLP down projection input (GraceConfig.key_module)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
@@ -70,7 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="edits trained at once (GraceEditor.edit_many batch_size; default 1)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.eps_init is None:
+        args.eps_init = SMOLLM2_EPS_INIT if uses_smollm2_keys(args) else 1.0
+    return args
 
 
 def target_name(model, args: argparse.Namespace, layer: int) -> str:
@@ -81,10 +92,8 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
                    reuse_frozen_layers: bool = True, checkpoint_every: int | None = None, immediate: bool = False,
                    edit_batch_size: int | None = None):
     """One lifelong run on a fresh copy of the base model."""
-    options = {"replacement": args.replacement, "max_steps": args.max_steps, "key": args.key,
-               "eps_split": args.eps_split, **(procedure or {})}
-    if args.key_layer is not None:
-        options["key_module"] = mlp_output_projection(base, args.key_layer)
+    options = {"replacement": args.replacement, "max_steps": args.max_steps, **key_options(base, args),
+               **(procedure or {})}
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
     editor = GraceEditor(model, tokenizer, progress=False, reuse_frozen_layers=reuse_frozen_layers)
@@ -92,6 +101,20 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
                         checkpoint_every=checkpoint_every, immediate=immediate,
                         edit_batch_size=edit_batch_size or args.edit_batch_size,
                         progress=not args.no_progress)
+
+
+def uses_smollm2_keys(args: argparse.Namespace) -> bool:
+    return args.model == "smollm2" and (args.key, args.key_layer, args.eps_split) == (None, None, None)
+
+
+def key_options(base, args: argparse.Namespace) -> dict:
+    """GraceConfig's key fields: SmolLM2's measured settings, or what the options name."""
+    if uses_smollm2_keys(args):
+        return {"key_module": mlp_output_projection(base, SMOLLM2_KEY_LAYER), **SMOLLM2_KEY_SETTINGS}
+    options = {name: getattr(args, name) for name in ("key", "eps_split") if getattr(args, name) is not None}
+    if args.key_layer is not None:
+        options["key_module"] = mlp_output_projection(base, args.key_layer)
+    return options
 
 
 def timing(result) -> dict[str, float]:
@@ -232,6 +255,8 @@ def fmt(value: float | None) -> str:
 def settings(args, records) -> dict:
     return {"model": args.model, "data": args.data, "edits": len(records), "layer": args.layer,
             "target_module": args.target_module, "eps_init": args.eps_init, "replacement": args.replacement,
+            "key": args.key, "key_layer": args.key_layer, "eps_split": args.eps_split,
+            "smollm2_key_settings": uses_smollm2_keys(args),
             "max_steps": args.max_steps, "protocol": args.protocol, "edit_batch_size": args.edit_batch_size,
             "torch_threads": torch.get_num_threads()}
 

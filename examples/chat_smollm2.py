@@ -13,7 +13,7 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig, GraceEditor
-from grace_peft.apps.base_models import SMOLLM2, SMOLLM2_EPS_INIT, load_model, mlp_output_projection
+from grace_peft.apps.base_models import SMOLLM2, load_model, smollm2_settings
 from grace_peft.apps.smollm2 import INSTALL_HINT, is_available
 
 EDITS = [
@@ -38,7 +38,7 @@ def main() -> int:
     base, tokenizer = load_model(SMOLLM2)
     questions = [question for question, _ in EDITS] + [UNRELATED]
     before = {question: ask(base, tokenizer, question) for question in questions}
-    config = GraceConfig(target_modules=[mlp_output_projection(base)], eps_init=SMOLLM2_EPS_INIT)
+    config = GraceConfig(**smollm2_settings(base))  # the measured layer, key and radius (see the README)
     model = get_peft_model(base, config)
     reports = GraceEditor(model, tokenizer, chat=True, progress=False).edit_many(EDITS)
     for question in questions:

@@ -7,6 +7,7 @@ measures it on text that has nothing to do with the edits: the model's own gener
 1. Every background text goes through the model once; each GRACE layer of the adapter pools its input into a key
    as the adapter's key function does. For a centered key (``prompt_mean``) the mean of the pooled inputs becomes
    the codebook's ``key_center``.
+   ``center=False`` leaves the center at zero: plain cosine between pooled inputs.
 2. Each background key's distance to its nearest other background key is measured. The radius is the
    ``false_hit_rate`` quantile of those distances: with a codebook as dense as the background set, that fraction of
    unrelated prompts would find a key within the radius.
@@ -64,9 +65,11 @@ def background_texts(model: nn.Module, tokenizer, count: int = 256, *, seed: int
 
 
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, *, false_hit_rate: float = 0.01,
-              adapter_name: str | None = None, batch_size: int = 16, progress: bool = True) -> Calibration:
-    """Measure the radius (and key centers) of ``adapter_name``'s GRACE layers on background text (``texts``, or
-    :func:`background_texts` of the model); see :func:`apply_calibration` to use it."""
+              center: bool = True, adapter_name: str | None = None, batch_size: int = 16,
+              progress: bool = True) -> Calibration:
+    """Measure the radius (and, with ``center``, the key centers of a centered key) of ``adapter_name``'s GRACE
+    layers on background text (``texts``, or :func:`background_texts` of the model); see
+    :func:`apply_calibration` to use it. ``center=False`` keeps the center at zero (plain cosine keys)."""
     if not 0 < false_hit_rate < 1:
         raise ValueError(f"false_hit_rate must be between 0 and 1 (a fraction of unrelated prompts), got "
                          f"{false_hit_rate!r}.")
@@ -84,10 +87,10 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, *
     pooled = _pooled_inputs(model, tokenizer, texts, adapter_name, layers, kind, batch_size, progress)
     centers, nearest = {}, {}
     for name, vectors in pooled.items():
-        center = vectors.mean(0) if uses_center(kind) else None
-        if center is not None:
-            centers[name] = center
-        keys = keys_of_pooled(kind, vectors, center)
+        mean = vectors.mean(0) if uses_center(kind) and center else None
+        if mean is not None:
+            centers[name] = mean
+        keys = keys_of_pooled(kind, vectors, mean)
         distances = torch.cdist(keys, keys, compute_mode="donot_use_mm_for_euclid_dist")
         distances.fill_diagonal_(float("inf"))
         nearest[name] = sorted(distances.min(-1).values.tolist())
@@ -110,8 +113,8 @@ def apply_calibration(model: nn.Module, calibration: Calibration, adapter_name: 
     for name, layer in layers.items():
         codebook = layer.grace_codebook[adapter_name]
         codebook.eps_init = calibration.eps_init
-        if codebook.key_center is not None and name in calibration.key_centers:
-            codebook.key_center.copy_(calibration.key_centers[name])
+        if codebook.key_center is not None:
+            codebook.key_center.copy_(calibration.key_centers.get(name, torch.zeros_like(codebook.key_center)))
 
 
 def _pooled_inputs(model, tokenizer, texts, adapter_name, layers, kind, batch_size,

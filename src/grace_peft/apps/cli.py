@@ -34,7 +34,15 @@ from ..editing import EditReport, GraceEditor
 from ..evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
 from ..keys import KEY_FUNCTIONS
 from ..model import codebook_sizes
-from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, ModelLoadError, load_model, mlp_output_projection
+from .base_models import (
+    SMOLLM2,
+    SMOLLM2_EPS_INIT,
+    SMOLLM2_LAYER,
+    ModelLoadError,
+    load_model,
+    mlp_output_projection,
+    smollm2_settings,
+)
 
 PROG = "grace-peft"
 ADAPTER_NAME = "default"
@@ -113,9 +121,10 @@ def _add_edit_parser(commands) -> None:
                              "second-to-last block")
     defaults = {item.name: item.default for item in dataclasses.fields(GraceConfig)}
     edit.add_argument("--eps-init", type=_positive_float, metavar="X",
-                      help="radius of a new codebook key, in the layer's input space; it scales with the layer's "
-                           f"activations (default: {SMOLLM2_EPS_INIT} for {SMOLLM2} at its default layer "
-                           f"{SMOLLM2_LAYER}, as measured in the README; else {defaults['eps_init']})")
+                      help="radius of a new codebook key, in the key's space (measure it for a model with "
+                           f"'{PROG} calibrate'; default: {SMOLLM2_EPS_INIT} with the measured key settings for "
+                           f"{SMOLLM2} at its default layer {SMOLLM2_LAYER}, see the README; else "
+                           f"{defaults['eps_init']})")
     _add_key_options(edit, defaults)
     edit.add_argument("--replacement", choices=REPLACEMENT_MODES,
                       help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
@@ -171,6 +180,9 @@ def _add_calibrate_parser(commands) -> None:
     calibrate.add_argument("--false-hit-rate", type=_positive_float, default=0.01, metavar="P",
                            help="fraction of unrelated prompts allowed within the radius of a key, with a codebook "
                                 "as dense as the background set (default: 0.01)")
+    calibrate.add_argument("--no-center", action="store_true",
+                           help="keep the key center at zero (plain cosine between prompt means) instead of the "
+                                "background mean")
     calibrate.add_argument("--texts", metavar="FILE",
                            help="background texts, one per line (default: 256 texts the model generates itself)")
     _add_no_progress(calibrate)
@@ -256,9 +268,7 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.adapter:
         peft_model = load_adapter(model, args.adapter, is_trainable=False)
     else:
-        if args.model == SMOLLM2 and not args.target_modules and args.layer in (None, SMOLLM2_LAYER):
-            options.setdefault("eps_init", SMOLLM2_EPS_INIT)
-        peft_model = wrap_model(model, args, options)
+        peft_model = wrap_model(model, args, {**smollm2_defaults(model, args), **options})
     check_chat(args.chat, tokenizer, args.model)
     editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress, chat=args.chat)
     started = time.perf_counter()
@@ -277,6 +287,16 @@ def run_edit(args: argparse.Namespace) -> int:
         })
         print(f"report written to {args.report}")
     return 0
+
+
+def smollm2_defaults(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """SmolLM2's measured key settings and radius, when SmolLM2 is edited at its default layer with no key option."""
+    at_default = args.model == SMOLLM2 and not args.target_modules and args.layer in (None, SMOLLM2_LAYER)
+    if not at_default or any(getattr(args, name) is not None for name in ("key", "key_layer", "eps_split")):
+        return {}
+    settings = smollm2_settings(model)
+    settings.pop("target_modules")
+    return settings
 
 
 def wrap_model(model: nn.Module, args: argparse.Namespace, options: dict[str, Any]) -> PeftModel:
@@ -308,7 +328,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     peft_model = wrap_model(model, args, options)
     try:
         result = calibrate(peft_model, tokenizer, texts, false_hit_rate=args.false_hit_rate,
-                           progress=not args.no_progress)
+                           center=not args.no_center, progress=not args.no_progress)
     except ValueError as error:
         raise CliError(str(error)) from None
     apply_calibration(peft_model, result)

@@ -37,7 +37,7 @@ from ..editing import EditReport, GraceEditor
 from ..evaluation.records import EditRecord, read_jsonl
 from ..inputs import input_device
 from . import smollm2
-from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection
+from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection, smollm2_settings
 
 DEFAULT_LAYER = SMOLLM2_LAYER
 DEFAULT_EPS_INIT = SMOLLM2_EPS_INIT
@@ -257,9 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     edits = read_jsonl(args.edits, limit=args.limit)
     model, tokenizer = load_base(args.base)
-    target = mlp_output_projection(model, args.layer)
-    config = GraceConfig(target_modules=[target], eps_init=args.eps_init)
-    print(f"GRACE at {target}, eps_init={args.eps_init}: {len(edits)} edits, "
+    # SmolLM2 gets its measured key settings; another base the paper's key (calibrate it: see the README)
+    settings = (smollm2_settings(model, args.layer) if args.base is None
+                else {"target_modules": [mlp_output_projection(model, args.layer)]})
+    config = GraceConfig(**{**settings, "eps_init": args.eps_init})
+    print(f"GRACE at {', '.join(sorted(config.target_modules))}, key {config.key}"
+          f"{' of ' + config.key_module if config.key_module else ''}, eps_init={args.eps_init}: {len(edits)} edits, "
           f"{len(UNRELATED_PROMPTS)} unrelated prompts")
     return run_demo(model, tokenizer, config, edits, UNRELATED_PROMPTS, args.output, base=args.base,
                     max_new_tokens=args.max_new_tokens)
