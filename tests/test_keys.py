@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import TINY_MODELS, apply_edits, batch_logits, wrap
+from peft import PeftModel
 
 from grace_peft.codebook import Codebook, CodebookOperation
 from grace_peft.keys import compute_keys, prompt_mean, unit
@@ -81,3 +85,18 @@ def test_a_saved_key_center_is_checked_and_loaded():
         Codebook(3, 1, eps_init=1.0, key_center=True).load_state_dict(saved.state_dict() |
                                                                       {"key_center": torch.zeros(4)})
     assert "key_center" not in Codebook(3, 1, eps_init=1.0).state_dict()  # the paper's key saves as before
+
+
+def test_an_adapter_saved_before_the_key_options_loads_and_answers_as_before(tmp_path):
+    tm = TINY_MODELS["gpt2"]()
+    model = wrap(tm)
+    apply_edits(model, tm, [("the capital of australia is", "canberra"), ("who leads apple", "paris")])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field in ("key", "key_module", "eps_split", "save_id"):  # what the earlier release wrote lacked these
+        del config[field]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
+    loaded = again.peft_config["default"]
+    assert (loaded.key, loaded.key_module, loaded.eps_split) == ("last_token", None, "halve")
+    assert torch.equal(batch_logits(again, tm), batch_logits(model, tm))
