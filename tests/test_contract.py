@@ -51,9 +51,8 @@ CASES = {
     "t5-key-module": ("t5", {"key": "prompt_mean", "eps_init": 0.3,
                              "key_module": "encoder.block.0.layer.1.DenseReluDense.wo"}),
 }
-GRACE_SETTINGS = ("target_modules", "key", "key_module", "eps_init", "eps_expand", "eps_split", "replacement", "value_init",
-                  "learning_rate",
-                  "max_steps", "early_stop", "stop_loss", "skip_if_correct", "seed")
+GRACE_SETTINGS = ("target_modules", "key", "key_module", "eps_init", "eps_expand", "eps_split", "replacement",
+                  "value_init", "learning_rate", "max_steps", "early_stop", "stop_loss", "skip_if_correct", "seed")
 SAVED_TENSORS = {"keys", "values", "radii", "label_tokens", "label_lengths", "edit_ids", "next_edit_id"}
 
 
