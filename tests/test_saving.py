@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from grace_peft import saving
 from grace_peft.adapter_files import read_adapter_config, read_codebooks
+from grace_peft.atomic import default_file_mode
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills and races use os.fork")
 
@@ -112,18 +113,12 @@ def test_a_save_writes_the_usual_files_tied_by_one_save_id(versions, tmp_path):
         metadata = file.metadata()
     assert metadata[saving.WEIGHTS_SAVE_ID] == config["save_id"] and len(config["save_id"]) == 32
     assert json.loads(metadata[saving.WEIGHTS_CONFIG]) == config
-    assert oct((tmp_path / WEIGHTS).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert oct((tmp_path / WEIGHTS).stat().st_mode & 0o777) == oct(default_file_mode())
     weights = (tmp_path / WEIGHTS).read_bytes()
     new.save_pretrained(tmp_path)  # the id is a digest: the same adapter saves to the same bytes
     assert (tmp_path / WEIGHTS).read_bytes() == weights and json.loads((tmp_path / CONFIG).read_text()) == config
     versions[1].save_pretrained(tmp_path)
     assert json.loads((tmp_path / CONFIG).read_text())["save_id"] != config["save_id"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @pytest.fixture
