@@ -32,11 +32,14 @@ from grace_peft.apps.base_models import (
     SMOLLM2_KEY_LAYER,
     SMOLLM2_KEY_SETTINGS,
     SMOLLM2_LAYER,
+    SMOLLM2_VALUE_CONTEXTS,
     load_model,
     mlp_output_projection,
 )
 from grace_peft.atomic import atomic_file
 from grace_peft.evaluation import Protocol, read_edits, run_lifelong
+from grace_peft.evaluation.metrics import gold_tokens, match_fraction, predicted_tokens
+from grace_peft.inputs import collate, encode_edit, input_device, pad_token_id
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {"zsre": DATA / "zsre_dev.json", "counterfact": DATA / "counterfact_dev.json"}
@@ -62,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eps-split", help="GraceConfig.eps_split (default: as --key)")
     parser.add_argument("--key-layer", type=int,
                         help="make the key of this block's MLP down projection input (GraceConfig.key_module)")
+    parser.add_argument("--value-contexts", type=int,
+                        help="GraceConfig.value_contexts (default: SmolLM2's setting with its key settings, else 0)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
     parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
     parser.add_argument("--immediate", action="store_true",
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.eps_init is None:
         args.eps_init = SMOLLM2_EPS_INIT if uses_smollm2_keys(args) else 1.0
+    if args.value_contexts is None:
+        args.value_contexts = SMOLLM2_VALUE_CONTEXTS if uses_smollm2_keys(args) else 0
     return args
 
 
@@ -92,15 +99,60 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
                    reuse_frozen_layers: bool = True, checkpoint_every: int | None = None, immediate: bool = False,
                    edit_batch_size: int | None = None):
     """One lifelong run on a fresh copy of the base model."""
-    options = {"replacement": args.replacement, "max_steps": args.max_steps, **key_options(base, args),
-               **(procedure or {})}
+    options = {"replacement": args.replacement, "max_steps": args.max_steps, "value_contexts": args.value_contexts,
+               **key_options(base, args), **(procedure or {})}
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
     editor = GraceEditor(model, tokenizer, progress=False, reuse_frozen_layers=reuse_frozen_layers)
-    return run_lifelong(editor, records, protocol=args.protocol, batch_size=args.batch_size,
-                        checkpoint_every=checkpoint_every, immediate=immediate,
-                        edit_batch_size=edit_batch_size or args.edit_batch_size,
-                        progress=not args.no_progress)
+    result = run_lifelong(editor, records, protocol=args.protocol, batch_size=args.batch_size,
+                          checkpoint_every=checkpoint_every, immediate=immediate,
+                          edit_batch_size=edit_batch_size or args.edit_batch_size,
+                          progress=not args.no_progress)
+    return result, editor
+
+
+@torch.no_grad()
+def paraphrase_breakdown(editor: GraceEditor, records, batch_size: int) -> dict[str, float]:
+    """Where Gen is won or lost (teacher forced, final state), for edits on one wrapped module:
+
+    * ``fired``: the share of rephrases whose key retrieves an entry labelled with the record's target;
+    * ``gen_when_fired``: Gen over those rephrases;
+    * ``gen_value_forced``: Gen when every rephrase gets the value its own edit prompt retrieves, whatever its key
+      (the value's part alone: how well the trained values carry the edit into a reworded context).
+    """
+    (layer,) = editor.layers.values()
+    codebook, key = layer.grace_codebook[editor.adapter_name], (layer, editor.adapter_name)
+    pad = pad_token_id(editor.tokenizer)
+    fired, accuracy, forced_accuracy = [], [], []
+    kept = [record for record in records if record.rephrase]
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start:start + batch_size]
+        encoded = {text: [encode_edit(editor.tokenizer, editor.task, getattr(r, text), r.target, chat=editor.chat)
+                          for r in chunk] for text in ("prompt", "rephrase")}
+        batches = {text: {name: tensor.to(input_device(editor.model)) for name, tensor in
+                          collate([e.inputs for e in rows], editor.task, pad).items()}
+                   for text, rows in encoded.items()}
+        entries = {}
+        for text, batch in batches.items():
+            with layer.call_state.recording_queries() as recorded:
+                logits = editor.model(**batch).logits
+            entries[text] = codebook.lookup(recorded[key][0])
+            if text == "rephrase":
+                accuracy += match_fraction(predicted_tokens(logits, batch["labels"], shift=True),
+                                           gold_tokens(batch["labels"])).tolist()
+        for row, item in enumerate(encoded["rephrase"]):
+            entry = int(entries["rephrase"][row])
+            fired.append(entry >= 0 and torch.equal(codebook.label(entry).cpu(), item.label_ids))
+        own = entries["prompt"]  # rows whose prompt retrieves nothing are dropped below, whatever they get here
+        with layer.call_state.forcing_values({key: codebook.values[own.clamp_min(0)]}):
+            logits = editor.model(**batches["rephrase"]).logits
+        forced = match_fraction(predicted_tokens(logits, batches["rephrase"]["labels"], shift=True),
+                                gold_tokens(batches["rephrase"]["labels"])).tolist()
+        forced_accuracy += [score for score, hit in zip(forced, (own >= 0).tolist(), strict=True) if hit]
+    when_fired = [score for score, hit in zip(accuracy, fired, strict=True) if hit]
+    return {"rephrases": len(kept), "fired": sum(fired) / len(kept),
+            "gen_when_fired": sum(when_fired) / len(when_fired) if when_fired else None,
+            "gen_value_forced": sum(forced_accuracy) / len(forced_accuracy) if forced_accuracy else None}
 
 
 def uses_smollm2_keys(args: argparse.Namespace) -> bool:
@@ -178,9 +230,11 @@ def plot(result, path: Path, title: str) -> None:
 
 def run_single(base, tokenizer, records, args) -> dict:
     every = args.checkpoint_every or max(1, len(records) // 10)
-    result = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
-                            checkpoint_every=every, immediate=args.immediate)
+    result, editor = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
+                                    checkpoint_every=every, immediate=args.immediate)
     report = {"settings": settings(args, records), **summary(result), "checkpoints": result.checkpoints}
+    if args.protocol == Protocol.TEACHER_FORCED.value and len(editor.layers) == 1:
+        report["paraphrases"] = paraphrase_breakdown(editor, records, args.batch_size)
     if args.reference_edits:
         report["speed_vs_reference"] = compare_with_reference(base, tokenizer, records[: args.reference_edits], args)
     report["peak_rss_mib"] = peak_rss_mib()
@@ -194,9 +248,9 @@ def run_single(base, tokenizer, records, args) -> dict:
 
 def compare_with_reference(base, tokenizer, records, args) -> dict:
     """The same edits, same process: ours (early stop + frozen-layer replay) vs. 100 fixed Adam steps."""
-    ours = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init)
-    reference = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
-                               procedure=REFERENCE, reuse_frozen_layers=False, edit_batch_size=1)
+    ours, _ = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init)
+    reference, _ = edit_and_score(base, tokenizer, records, args, layer=args.layer, eps_init=args.eps_init,
+                                  procedure=REFERENCE, reuse_frozen_layers=False, edit_batch_size=1)
     ours_time, reference_time = timing(ours), timing(reference)
     return {
         "edits": len(records),
@@ -214,10 +268,12 @@ def run_sweep(base, tokenizer, records, args) -> list[dict]:
     rows = []
     for layer, eps_init, mode in itertools.product(layers, radii, modes):
         started = time.perf_counter()
-        result = edit_and_score(base, tokenizer, records, args, layer=layer, eps_init=eps_init,
-                                procedure={"replacement": mode})
+        result, editor = edit_and_score(base, tokenizer, records, args, layer=layer, eps_init=eps_init,
+                                        procedure={"replacement": mode})
         rows.append({"layer": layer, "eps_init": eps_init, "replacement": mode, **summary(result),
                      "wall_s": time.perf_counter() - started})
+        if args.protocol == Protocol.TEACHER_FORCED.value:
+            rows[-1]["paraphrases"] = paraphrase_breakdown(editor, records, args.batch_size)
         print(sweep_line(rows[-1]), flush=True)
         # rewritten after every run: an interrupted sweep keeps the rows it finished
         write_atomically(args.output / "sweep.json", json.dumps({"settings": settings(args, records), "runs": rows},
@@ -256,6 +312,7 @@ def settings(args, records) -> dict:
     return {"model": args.model, "data": args.data, "edits": len(records), "layer": args.layer,
             "target_module": args.target_module, "eps_init": args.eps_init, "replacement": args.replacement,
             "key": args.key, "key_layer": args.key_layer, "eps_split": args.eps_split,
+            "value_contexts": args.value_contexts,
             "smollm2_key_settings": uses_smollm2_keys(args),
             "max_steps": args.max_steps, "protocol": args.protocol, "edit_batch_size": args.edit_batch_size,
             "torch_threads": torch.get_num_threads()}
@@ -270,6 +327,11 @@ def print_report(report: dict) -> None:
     print(f"  keys {report['keys']} ({report['keys_per_edit']:.2f} per edit), failed edits {report['failed_edits']}, "
           f"median {report['median_s_per_edit']:.2f} s/edit, p90 {report['p90_s_per_edit']:.2f}, "
           f"mean steps {report['mean_steps']:.1f}, peak RSS {report['peak_rss_mib']:.0f} MiB")
+    paraphrases = report.get("paraphrases")
+    if paraphrases:
+        print(f"  rephrases that retrieve their edit {fmt(paraphrases['fired'])}; Gen when they do "
+              f"{fmt(paraphrases['gen_when_fired'])}; Gen with the edit's own value forced "
+              f"{fmt(paraphrases['gen_value_forced'])}")
     print("  paper view: " + ", ".join(f"{name} {fmt(value)}" for name, value in report["paper_view"].items()))
     speed = report.get("speed_vs_reference")
     if speed:

@@ -7,7 +7,8 @@ import torch
 from conftest import EDITS, TINY_MODELS, WORDS, apply_edits, codebook_of, wrap
 from peft import PeftModel
 
-from grace_peft.calibration import apply_calibration, background_texts, calibrate
+from grace_peft.background import background_texts
+from grace_peft.calibration import apply_calibration, calibrate
 
 TEXTS = [" ".join(WORDS[5 + (index * 7 + step * 3) % (len(WORDS) - 5)] for step in range(2 + index % 5))
          for index in range(40)]

@@ -5,7 +5,8 @@
 import changes outside grace_peft is listed in :mod:`grace_peft.registration`.
 """
 
-from .calibration import Calibration, apply_calibration, background_texts, calibrate
+from .background import background_texts
+from .calibration import Calibration, apply_calibration, calibrate
 from .codebook import (
     Codebook,
     CodebookContentError,

@@ -16,20 +16,16 @@ measures it on text that has nothing to do with the edits: the model's own gener
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .inputs import input_device, pad_token_id
+from .background import background_texts
+from .inputs import input_device
 from .keys import keys_of_pooled, pool, uses_center
 from .model import grace_layers, named_module
-
-OPENINGS = ("The", "In", "A", "My", "Today", "When", "Why", "How", "What", "Who", "Where", "It", "There", "After",
-            "Many", "This", "Our", "If", "Some", "One", "Yesterday", "Please", "Can", "Every", "She", "He", "They",
-            "We", "Most", "Once")
 
 
 @dataclass(frozen=True)
@@ -42,26 +38,6 @@ class Calibration:
     false_hit_rate: float
     texts: int
     nearest_distances: dict[str, list[float]]  # per module: each background key's distance to its nearest other
-
-
-def background_texts(model: nn.Module, tokenizer, count: int = 256, *, seed: int = 0, max_new_tokens: int = 24,
-                     batch_size: int = 32, progress: bool = True) -> list[str]:
-    """``count`` texts the model writes itself (sampled from generic openings, seeded; adapters switched off)."""
-    texts: list[str] = []
-    openings = [OPENINGS[index % len(OPENINGS)] for index in range(count)]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        with torch.random.fork_rng(), _adapters_off(model), torch.no_grad():  # the caller's RNG is left alone
-            torch.manual_seed(seed)
-            for start in tqdm(range(0, count, batch_size), desc="background text", disable=not progress):
-                batch = tokenizer(openings[start:start + batch_size], return_tensors="pt", padding=True)
-                batch = {name: tensor.to(input_device(model)) for name, tensor in batch.items()}
-                generated = model.generate(**batch, do_sample=True, top_p=0.95, max_new_tokens=max_new_tokens,
-                                           pad_token_id=pad_token_id(tokenizer))
-                texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
-    return [text.strip() for text in texts if text.strip()]
 
 
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, *, false_hit_rate: float = 0.01,
@@ -143,11 +119,6 @@ def _pooled_inputs(model, tokenizer, texts, adapter_name, layers, kind, batch_si
         for handle in handles:
             handle.remove()
     return {name: torch.cat(parts).cpu() for name, parts in collected.items()}
-
-
-def _adapters_off(model: nn.Module) -> AbstractContextManager:
-    disable = getattr(model, "disable_adapter", None)
-    return disable() if callable(disable) else nullcontext()
 
 
 def _active_adapter(model: nn.Module) -> str:

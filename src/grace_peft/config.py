@@ -57,6 +57,10 @@ class GraceConfig(PeftConfig):
             ``replace_last`` the model is unchanged until training moves it; the other modes copy it to more
             positions); ``"cold"`` draws it at random (the paper), seeded by ``seed`` and
             the edit id, so editing never touches the global RNG.
+        value_contexts: Train each value under this many contexts besides the edit prompt itself: the prompt preceded by
+            a short text the model writes itself (seeded by ``seed``, the same texts for every edit). A value trained
+            so still carries the edit when a reworded prompt, whose other tokens differ, retrieves it. ``0`` (the
+            paper) trains on the edit prompt alone; each context adds a row to every training step.
         learning_rate: Adam learning rate for the value of an edit (reference: 1.0).
         max_steps: Cap on optimizer steps per edit (reference: 100).
         early_stop: ``"predicted"`` stops once every target token is the argmax; ``"loss"`` once the loss is below
@@ -96,6 +100,9 @@ class GraceConfig(PeftConfig):
         default="replace_last", metadata={"help": "Which positions a retrieved value replaces."}
     )
     value_init: Literal["warm", "cold"] = field(default="warm", metadata={"help": "How a new value starts."})
+    value_contexts: int = field(
+        default=0, metadata={"help": "Model-written contexts each value is also trained under (0: the prompt only)."}
+    )
     learning_rate: float = field(default=1.0, metadata={"help": "Adam learning rate for a value."})
     max_steps: int = field(default=100, metadata={"help": "Maximum optimizer steps per edit."})
     early_stop: Literal["predicted", "loss", "never"] = field(
@@ -129,6 +136,8 @@ class GraceConfig(PeftConfig):
         _check_choice("early_stop", self.early_stop, EARLY_STOP_RULES)
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"GraceConfig.learning_rate must be positive, got {self.learning_rate!r}.")
+        if not isinstance(self.value_contexts, int) or isinstance(self.value_contexts, bool) or self.value_contexts < 0:
+            raise ValueError(f"GraceConfig.value_contexts must be a whole number >= 0, got {self.value_contexts!r}.")
         if int(self.max_steps) != self.max_steps or self.max_steps < 1:
             raise ValueError(f"GraceConfig.max_steps must be a positive integer, got {self.max_steps!r}.")
         self.codebook_sizes = {

@@ -6,7 +6,9 @@
    the query token) and the layer's current output there; it also tells whether the target is already predicted;
 2. update: each layer's codebook applies ADD / EXPAND / SPLIT / OVERWRITE with the edit's exact target token ids;
 3. train: only the value chosen by the update is trained, by Adam on the model's own loss with the target labelled,
-   until the target is predicted (or another early-stop rule) and at most ``max_steps`` steps;
+   until the target is predicted (or another early-stop rule) and at most ``max_steps`` steps; with
+   ``value_contexts``, on the edit prompt and on the prompt after each of that many model-written texts at once
+   (mean loss; done when every one of them predicts the target);
 4. verify: a normal inference pass (codebook lookup, no forcing) says whether the edit took.
 
 An edit that raises (or is interrupted) leaves the codebooks exactly as they were before it. Several edits can go
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .background import background_texts
 from .codebook import CodebookOperation
 from .config import GraceConfig
 from .frozen_prefix import blocks_below, replay_frozen_blocks
@@ -51,6 +54,8 @@ from .query import QUERY_POSITIONS_KWARG, label_query_positions
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+CONTEXT_TOKENS = 10  # length of a model-written context (GraceConfig.value_contexts), as ROME's context templates
 
 
 class EditsPartlyApplied(RuntimeError):
@@ -143,6 +148,7 @@ class GraceEditor:
         self._call_state = next(iter(self.layers.values())).call_state
         self.frozen_blocks = blocks_below(transformers_model(model), list(self.layers)) if reuse_frozen_layers \
             else []
+        self._context_texts: dict[tuple[int, int], list[str]] = {}
 
     @property
     def config(self) -> GraceConfig:
@@ -201,6 +207,16 @@ class GraceEditor:
         """Codebook entries of the edited adapter, over all wrapped modules."""
         return sum(len(layer.grace_codebook[self.adapter_name]) for layer in self.layers.values())
 
+    @property
+    def value_contexts(self) -> list[str]:
+        """The texts each value is also trained after (``GraceConfig.value_contexts`` of them): the model's own
+        writing from generic openings, seeded by ``GraceConfig.seed``, written once per editor."""
+        count, seed = self.config.value_contexts, self.config.seed
+        if count and (count, seed) not in self._context_texts:
+            self._context_texts[count, seed] = background_texts(self.model, self.tokenizer, count, seed=seed,
+                                                                max_new_tokens=CONTEXT_TOKENS, progress=False)
+        return self._context_texts.get((count, seed), [])
+
     def apply(self, encoded: EncodedEdit, *, prompt: str = "", target: str | int = "") -> EditReport:
         """Apply one already-tokenized edit."""
         return self._apply_rows([encoded], [Edit(prompt, target)])[0]
@@ -219,9 +235,11 @@ class GraceEditor:
             if trained:
                 every_row = trained == list(range(len(encoded)))
                 batch = inputs if every_row else self._batch([encoded[row].inputs for row in trained])
+                training, variants = self._training_batch(batch, [encoded[row] for row in trained],
+                                                          [edits[row] for row in trained])
                 values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
                 with replay_frozen_blocks(self.frozen_blocks):
-                    for row, count in zip(trained, self._train(batch, values), strict=True):
+                    for row, count in zip(trained, self._train(training, values, variants), strict=True):
                         steps[row] = count
                 for row in trained:
                     for name, (index, value) in plans[row].values.items():
@@ -293,11 +311,28 @@ class GraceEditor:
                                  "is numerically broken before the edited layer (check its dtype and weights).")
         return probes, logits
 
-    def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]]) -> list[int]:
-        """Train each row's values (one Adam per row, on that row's own loss) until the row is done or
-        ``max_steps``; returns the steps each row took."""
+    def _training_batch(self, batch: dict[str, torch.Tensor], encoded: list[EncodedEdit],
+                        edits: list[Edit]) -> tuple[dict[str, torch.Tensor], int]:
+        """The rows the values are trained on and how many belong to each edit: ``batch`` itself, or with
+        ``value_contexts`` each edit's prompt followed by its prompt after every context (edit after edit)."""
+        contexts = self.value_contexts
+        if not contexts:
+            return batch, 1
+        rows = []
+        for item, edit in zip(encoded, edits, strict=True):
+            if not edit.prompt:
+                raise ValueError("GraceConfig.value_contexts trains values on the prompt after other texts, so it "
+                                 "needs the prompt's text: use edit()/edit_many(), or pass prompt= to apply().")
+            rows += [item.inputs, *(self._encode(Edit(f"{context} {edit.prompt}", edit.target)).inputs
+                                    for context in contexts)]
+        return self._batch(rows), 1 + len(contexts)
+
+    def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]],
+               variants: int = 1) -> list[int]:
+        """Train each edit's values (one Adam per edit, on the mean loss of that edit's ``variants`` consecutive rows)
+        until the edit is done or ``max_steps``; returns the steps each edit took."""
         config = self.config
-        rows = len(inputs["labels"])
+        rows = len(inputs["labels"]) // variants
         optimizers = [torch.optim.Adam([values[name][row] for name in values], lr=config.learning_rate)
                       for row in range(rows)]
         steps = [0] * rows
@@ -306,15 +341,15 @@ class GraceEditor:
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
         with torch.enable_grad():
             for _ in range(config.max_steps):
-                forced = {(self.layers[name], self.adapter_name): torch.stack(row_values)
+                forced = {(self.layers[name], self.adapter_name): torch.stack(row_values).repeat_interleave(variants, 0)
                           for name, row_values in values.items()}
                 with self._call_state.forcing_values(forced), self._autocast():
                     logits = self.model(**inputs).logits
-                losses = per_row_loss(self.task, logits, labels)
+                losses = per_row_loss(self.task, logits, labels).view(rows, variants).mean(1)
                 if not torch.isfinite(losses).all():
                     raise FloatingPointError(f"An edit's loss became {losses.tolist()} after {max(steps)} steps; "
                                              "lower GraceConfig.learning_rate.")
-                finished = self._done(logits, losses, labels)
+                finished = self._done(logits, losses, labels, variants)
                 active = [still and not done for still, done in zip(active, finished, strict=True)]
                 if not any(active):
                     break
@@ -350,10 +385,10 @@ class GraceEditor:
         trimmed.update({QUERY_POSITIONS_KWARG: positions, "logits_to_keep": keep})
         return trimmed, labels[:, length - keep:]
 
-    def _done(self, logits: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+    def _done(self, logits: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor, variants: int) -> list[bool]:
         rule = self.config.early_stop
         if rule == "predicted":
-            return target_predicted(self.task, logits, labels).tolist()
+            return target_predicted(self.task, logits, labels).view(-1, variants).all(1).tolist()
         if rule == "loss":
             return (losses.detach() < self.config.stop_loss).tolist()
         return [False] * len(losses)

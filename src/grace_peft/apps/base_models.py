@@ -22,6 +22,7 @@ SMOLLM2 = "smollm2"
 SMOLLM2_LAYER = 27
 SMOLLM2_KEY_LAYER = 3
 SMOLLM2_EPS_INIT = 0.85
+SMOLLM2_VALUE_CONTEXTS = 0
 SMOLLM2_KEY_SETTINGS = {"key": "prompt_mean", "eps_split": "keep"}
 
 # MLP output projection of block N, per model family, matched against the full module names.
