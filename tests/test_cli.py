@@ -450,3 +450,38 @@ def test_calibrate_input_errors_exit_2_with_one_line(gpt2, tmp_path, capsys, arg
     code, _, err = run_cli(capsys, "calibrate", gpt2.model, "-o", str(tmp_path / "a"), "--no-progress", *argv)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_edit_without_a_measured_radius_says_how_to_measure_one(gpt2, tmp_path, capsys):
+    argv = ["edit", gpt2.model, gpt2.edits, "--limit", "1", "--max-steps", "1", "--no-progress"]
+    code, _, err = run_cli(capsys, *argv, "-o", str(tmp_path / "a"))
+    assert code == 0
+    assert f"grace-peft calibrate {gpt2.model} -o DIR" in err and "eps_init is 1.0" in err
+    code, _, err = run_cli(capsys, *argv, "-o", str(tmp_path / "b"), "--eps-init", "0.5")
+    assert code == 0 and "calibrate" not in err
+
+
+def test_value_contexts_option_reaches_the_saved_config(gpt2, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "edit", gpt2.model, gpt2.edits, "-o", str(tmp_path / "a"), "--limit", "1",
+                         "--value-contexts", "2", "--no-progress", *tiny_options(gpt2.tiny))
+    assert code == 0
+    assert adapter_files.read_adapter_config(tmp_path / "a")["value_contexts"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- convert-gguf
+@pytest.mark.parametrize("setup, message", [
+    (lambda t: (str(t / "missing.gguf"), str(t / "out")), "No GGUF file at"),
+    (lambda t: (str(t / "missing.gguf"), str(t)), "already holds something else than a checkpoint"),
+])
+def test_convert_gguf_input_errors_exit_2_with_one_line(tmp_path, capsys, setup, message):
+    (tmp_path / "occupant.txt").write_text("mine")
+    source, output = setup(tmp_path)
+    code, _, err = run_cli(capsys, "convert-gguf", source, "-o", output)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert (tmp_path / "occupant.txt").read_text() == "mine"
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_gguf_keeps_an_existing_checkpoint_folder(gpt2, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "convert-gguf", str(tmp_path / "missing.gguf"), "-o", gpt2.model)
+    assert code == 0 and f"checkpoint folder {gpt2.model}" in out

