@@ -26,7 +26,7 @@ from statistics import median, quantiles
 import torch
 from peft import get_peft_model
 
-from grace_peft import GraceConfig, GraceEditor
+from grace_peft import GraceConfig, GraceEditor, apply_calibration, background_texts, calibrate
 from grace_peft.apps.base_models import (
     SMOLLM2_EPS_INIT,
     SMOLLM2_KEY_LAYER,
@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="make the key of this block's MLP down projection input (GraceConfig.key_module)")
     parser.add_argument("--value-contexts", type=int,
                         help="GraceConfig.value_contexts (default: SmolLM2's setting with its key settings, else 0)")
+    parser.add_argument("--calibrate", type=float, metavar="P",
+                        help="set eps_init (and the key center) by grace_peft.calibrate for false-hit rate P on the "
+                             "model's own background text, instead of --eps-init")
+    parser.add_argument("--no-center", action="store_true", help="with --calibrate: keep the key center at zero")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
     parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
     parser.add_argument("--immediate", action="store_true",
@@ -84,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.calibrate is not None and (args.sweep_layers or not 0 < args.calibrate < 1):
+        parser.error("--calibrate takes a false-hit rate between 0 and 1 and sets the radius itself: not with a sweep")
     if args.eps_init is None:
         args.eps_init = SMOLLM2_EPS_INIT if uses_smollm2_keys(args) else 1.0
     if args.value_contexts is None:
@@ -103,6 +109,11 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
                **key_options(base, args), **(procedure or {})}
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
+    if args.calibrate:
+        calibration = calibrate(model, tokenizer, args.background_texts, false_hit_rate=args.calibrate,
+                                center=not args.no_center, progress=False)
+        apply_calibration(model, calibration)
+        args.calibrated_eps_init = calibration.eps_init
     editor = GraceEditor(model, tokenizer, progress=False, reuse_frozen_layers=reuse_frozen_layers)
     result = run_lifelong(editor, records, protocol=args.protocol, batch_size=args.batch_size,
                           checkpoint_every=checkpoint_every, immediate=immediate,
@@ -312,7 +323,9 @@ def settings(args, records) -> dict:
     return {"model": args.model, "data": args.data, "edits": len(records), "layer": args.layer,
             "target_module": args.target_module, "eps_init": args.eps_init, "replacement": args.replacement,
             "key": args.key, "key_layer": args.key_layer, "eps_split": args.eps_split,
-            "value_contexts": args.value_contexts,
+            "value_contexts": args.value_contexts, "calibrate_false_hit_rate": args.calibrate,
+            "calibrate_center": bool(args.calibrate) and not args.no_center,
+            "calibrated_eps_init": getattr(args, "calibrated_eps_init", None),
             "smollm2_key_settings": uses_smollm2_keys(args),
             "max_steps": args.max_steps, "protocol": args.protocol, "edit_batch_size": args.edit_batch_size,
             "torch_threads": torch.get_num_threads()}
@@ -321,6 +334,9 @@ def settings(args, records) -> dict:
 def print_report(report: dict) -> None:
     final, unedited = report["final"], report["unedited"]
     print(f"\n{report['edits']} sequential edits, final state ({report['settings']['protocol']}):")
+    if report["settings"]["calibrated_eps_init"] is not None:
+        print(f"  eps_init {report['settings']['calibrated_eps_init']:.4g}, calibrated for false-hit rate "
+              f"{report['settings']['calibrate_false_hit_rate']:g}")
     print(f"  {'':10}{'unedited':>10}{'edited':>10}")
     for metric in ("rel", "gen", "loc", "upstream"):
         print(f"  {metric:10}{fmt(unedited[metric]):>10}{fmt(final[metric]):>10}")
@@ -348,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = read_edits(path, limit=args.edits or None)
     base, tokenizer = load_model(args.model)
+    if args.calibrate:
+        args.background_texts = background_texts(base, tokenizer, progress=not args.no_progress)
     if args.sweep_layers:
         run_sweep(base, tokenizer, records, args)
         print(f"\nwrote {args.output / 'sweep.json'} and {args.output / 'sweep.md'}")

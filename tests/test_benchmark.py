@@ -59,6 +59,23 @@ def test_single_run_writes_scores_curves_and_reference_speed(setup):
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "3 sequential edits, final state (teacher_forced)" in run.stdout
     assert "paper view: ES 1.000, ERR 1.000" in run.stdout
+    paraphrases = result["paraphrases"]
+    assert paraphrases["rephrases"] == 2 and paraphrases["fired"] in (0.0, 0.5, 1.0)
+    assert paraphrases["gen_value_forced"] is not None and 0.0 <= paraphrases["gen_value_forced"] <= 1.0
+    assert "rephrases that retrieve their edit" in run.stdout
+
+
+def test_calibrated_run_measures_its_radius_on_background_text(setup):
+    folder, tiny = setup
+    output = folder / "calibrated"
+    run = run_script(folder, tiny, "--key", "prompt_mean", "--calibrate", "0.05", "--value-contexts", "2",
+                     "--output", str(output))
+    assert run.returncode == 0, run.stderr
+    settings = json.loads((output / "result.json").read_text())["settings"]
+    assert settings["calibrate_false_hit_rate"] == 0.05 and settings["calibrate_center"] is True
+    assert 0 < settings["calibrated_eps_init"] <= 2  # a chordal distance on the unit sphere
+    assert settings["value_contexts"] == 2
+    assert f"eps_init {settings['calibrated_eps_init']:.4g}, calibrated for false-hit rate 0.05" in run.stdout
 
 
 def test_sweep_writes_one_row_per_setting(setup):
