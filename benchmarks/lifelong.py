@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--edit-batch-size", type=int, default=1,
                         help="edits trained at once (GraceEditor.edit_many batch_size; default 1)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--save-adapter", type=Path, metavar="DIR",
+                        help="also save the final adapter (e.g. to score it again: grace-peft eval MODEL DIR EDITS)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.calibrate is not None and (args.sweep_layers or not 0 < args.calibrate < 1):
@@ -246,6 +248,8 @@ def run_single(base, tokenizer, records, args) -> dict:
     report = {"settings": settings(args, records), **summary(result), "checkpoints": result.checkpoints}
     if args.protocol == Protocol.TEACHER_FORCED.value and len(editor.layers) == 1:
         report["paraphrases"] = paraphrase_breakdown(editor, records, args.batch_size)
+    if args.save_adapter:
+        editor.model.save_pretrained(args.save_adapter)
     if args.reference_edits:
         report["speed_vs_reference"] = compare_with_reference(base, tokenizer, records[: args.reference_edits], args)
     report["peak_rss_mib"] = peak_rss_mib()

@@ -69,12 +69,14 @@ def test_calibrated_run_measures_its_radius_on_background_text(setup):
     folder, tiny = setup
     output = folder / "calibrated"
     run = run_script(folder, tiny, "--key", "prompt_mean", "--calibrate", "0.05", "--value-contexts", "2",
-                     "--output", str(output))
+                     "--output", str(output), "--save-adapter", str(output / "adapter"))
     assert run.returncode == 0, run.stderr
     settings = json.loads((output / "result.json").read_text())["settings"]
     assert settings["calibrate_false_hit_rate"] == 0.05 and settings["calibrate_center"] is True
     assert 0 < settings["calibrated_eps_init"] <= 2  # a chordal distance on the unit sphere
     assert settings["value_contexts"] == 2
+    saved = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert (saved["eps_init"], saved["value_contexts"]) == (settings["calibrated_eps_init"], 2)
     assert f"eps_init {settings['calibrated_eps_init']:.4g}, calibrated for false-hit rate 0.05" in run.stdout
 
 
