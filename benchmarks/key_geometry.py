@@ -52,7 +52,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grace_peft.apps.base_models import SMOLLM2_LAYER, load_model, mlp_output_projection
+from grace_peft.apps.base_models import (
+    default_layer,
+    load_model,
+    mlp_output_projection,
+    mlp_output_projections,
+)
 from grace_peft.evaluation import read_edits
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -338,7 +343,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     deployable = [r for r in rows if r["pooling"] != "subject"][:10]
     deployable += [r for r in rows if r["name"] == baseline and r not in deployable]
     lines = [
-        f"# Key geometry: {meta['data']} ({meta['records']} records), SmolLM2-135M-Instruct down_proj inputs", "",
+        f"# Key geometry: {meta['data']} ({meta['records']} records), "
+        f"{'SmolLM2-135M-Instruct' if meta['model'] == 'smollm2' else Path(meta['model']).name} down_proj inputs", "",
         f"Background: {meta['background']['count']} model-sampled texts (seed {meta['background']['seed']}); "
         f"{meta['background']['center_count']} give the centring mean, {meta['background']['threshold_count']} "
         f"the threshold tau (at most {FALSE_HIT_RATE:.0%} background false hits, hits strict: d < tau). "
@@ -420,9 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     limit = args.records if args.records is not None else (1000 if args.data == "counterfact" else None)
     output = args.output or Path(f"benchmarks/results/key-geometry-{args.data}")
-    layers = sorted({int(value) for value in args.layers.split(",")})
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    family, projections = mlp_output_projections(model)
+    edited_layer = default_layer(family, len(projections))  # the paper's key at the default edited layer: baseline
+    layers = sorted({int(value) for value in args.layers.split(",")} | {edited_layer})
     sets, dropped = load_records(args.data, limit)
     count = len(sets["edit"].texts)
     background_texts = sample_background(model, tokenizer, args.background, args.seed)
@@ -450,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": f"L{layer} {pooling} {transform}", "layer": layer, "pooling": pooling,
                      "transform": transform, "n": int(select.sum()), **metrics})
     rows.sort(key=lambda r: (-r["net"], -r["auc"]))
-    baseline = f"L{SMOLLM2_LAYER} last raw"
+    baseline = f"L{edited_layer} last raw"
 
     meta = {
         "data": args.data, "records": count, "records_dropped_without_rephrase_or_locality": dropped,

@@ -769,3 +769,39 @@ def test_property_split_midpoint_goes_to_the_older_key(dim, first, second, eps):
     assert float(cb.radii[0]) == float(cb.radii[1]) == pytest.approx(result.distance / 2)
     # the midpoint is d/2 from both keys; with d/2 in both radii it is a tie, won by the older key
     assert lookup1(cb, midpoint) == 0
+
+
+# =================================================================================================== large codebooks
+def filled(keys: torch.Tensor) -> Codebook:
+    """A codebook holding ``keys`` (radius 1, one label each), as if each had been added by an edit."""
+    cb = make(eps=1.0, key_dim=keys.shape[1], value_dim=2)
+    for j, key in enumerate(keys):
+        cb._append(key, torch.zeros(2), 1.0, torch.tensor([j]), j)
+    return cb
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(65, 400), st.sampled_from([4, 32, 96]), st.sampled_from([1e-3, 1.0, 1e3, 1e5]),
+       st.sampled_from([0.0, 1e-6, 1e-3]), st.integers(0, 2**31 - 1))
+def test_property_screened_search_equals_the_exact_distance_to_every_key(n, dim, scale, spread, seed):
+    # keys in near-duplicate pairs around points far from the origin: where |q|^2 - 2qk + |k|^2 cancels
+    gen = torch.Generator().manual_seed(seed)
+    centers = (torch.randn(n // 2 + 1, dim, generator=gen) + 3) * scale
+    keys = torch.cat([centers, centers + spread * scale * torch.randn_like(centers)])[:n]
+    cb = filled(keys)
+    queries = torch.cat([keys[:7], (keys[:7] + keys[-7:]) / 2, keys[:7] + 1e-4 * scale * torch.randn(7, dim,
+                        generator=gen), (torch.randn(7, dim, generator=gen) + 3) * scale])
+    index, distance = cb.nearest(queries)
+    exact = torch.cdist(queries, cb.keys, compute_mode="donot_use_mm_for_euclid_dist")
+    expected = exact.min(-1).values
+    assert torch.equal(distance, expected)
+    # ties go to the lower index, as in the exact search over every key
+    assert index.tolist() == [int((row == best).nonzero()[0]) for row, best in zip(exact, expected, strict=True)]
+    assert torch.equal(cb.lookup(queries), torch.where(distance <= cb.radii[index], index, -1))
+    assert index[:7].tolist() == [int((cb.keys == key).all(-1).nonzero()[0]) for key in keys[:7]]
+
+
+def test_large_codebook_search_keeps_nan_queries_missing():
+    cb = filled(torch.randn(100, 8))
+    queries = torch.stack([cb.keys[3], torch.full((8,), float("nan"))])
+    assert cb.lookup(queries).tolist() == [3, -1]

@@ -28,6 +28,9 @@ from enum import Enum
 import torch
 from torch import nn
 
+EXACT_SEARCH_UP_TO = 64  # keys: below this, measuring every key exactly is as fast as screening
+MAX_EXACT_CANDIDATES = 256  # keys per query the screen may leave to measure exactly before it is skipped
+
 __all__ = ["Codebook", "CodebookContentError", "CodebookOperation", "CodebookShapeError", "CodebookUpdate",
            "ExpandRule", "SplitRule"]
 
@@ -151,19 +154,41 @@ class Codebook(nn.Module):
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest key of each query row: ``(index, distance)``, both of shape ``(B,)``.
 
-        Distances are exact float32 Euclidean distances (no ``|q|^2 - 2qk + |k|^2`` shortcut, which cancels
-        catastrophically for nearby keys far from the origin): a query equal to a key is at distance 0, and equal
-        distances go to the lower index. An empty codebook gives index -1 and distance inf.
+        Distances are exact float32 Euclidean distances, ``|q - k|``: a query equal to a key is at distance 0, and
+        equal distances go to the lower index. An empty codebook gives index -1 and distance inf. The search screens
+        every key by a matrix product (``|q|^2 - 2qk + |k|^2``, fast but inexact: it cancels catastrophically for
+        nearby keys far from the origin) and then measures exactly every key that the screen's error bound cannot
+        rule out, so the result is that of the exact distance to every key.
         """
         queries = self._as_queries(queries)
+        batch = queries.shape[0]
         if len(self) == 0:
-            batch = queries.shape[0]
             return (
                 torch.full((batch,), -1, dtype=torch.int64, device=queries.device),
                 torch.full((batch,), float("inf"), dtype=torch.float32, device=queries.device),
             )
-        distances = torch.cdist(queries, self.keys, compute_mode="donot_use_mm_for_euclid_dist")
-        distance, index = distances.min(dim=-1)
+        if len(self) <= EXACT_SEARCH_UP_TO or not torch.isfinite(queries).all():
+            return _exact_nearest(queries, self.keys)
+        query_norms = queries.pow(2).sum(-1, keepdim=True)
+        key_norms = self.keys.pow(2).sum(-1)
+        screened = query_norms - 2 * queries @ self.keys.T + key_norms
+        # Rounding error of each screened squared distance: at most (d + 3) u (|q| + |k|)^2 for float32 sums of d
+        # products (u = 2^-24); doubled for safety. A key whose screened value exceeds the best one by more than
+        # twice that cannot be the nearest.
+        reach = query_norms.sqrt() + key_norms.max().sqrt()
+        slack = 2 * (self.key_dim + 3) * torch.finfo(torch.float32).eps / 2 * reach.pow(2)
+        best = screened.min(-1, keepdim=True).values
+        kept = screened <= best + 2 * slack
+        width = int(kept.sum(-1).max())
+        if width > MAX_EXACT_CANDIDATES:  # keys too alike for the screen to help (e.g. far from the origin)
+            return _exact_nearest(queries, self.keys)
+        candidates = screened.masked_fill(~kept, float("inf")).topk(width, largest=False).indices
+        distances = torch.cdist(queries[:, None, :], self.keys[candidates],
+                                compute_mode="donot_use_mm_for_euclid_dist").squeeze(1)
+        distances = distances.masked_fill(~kept.gather(1, candidates), float("inf"))
+        distance = distances.min(-1).values
+        tied = distances == distance[:, None]
+        index = torch.where(tied, candidates, torch.full_like(candidates, len(self))).min(-1).values
         return index, distance
 
     def lookup(self, queries: torch.Tensor) -> torch.Tensor:
@@ -321,6 +346,13 @@ class Codebook(nn.Module):
                 self._resize_to(name, rows)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def _exact_nearest(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest key by the exact distance to every key (ties to the lower index)."""
+    distances = torch.cdist(queries, keys, compute_mode="donot_use_mm_for_euclid_dist")
+    distance, index = distances.min(dim=-1)
+    return index, distance
 
 
 def corrupt_codebook_error(module: str, problem: str) -> CodebookContentError:
