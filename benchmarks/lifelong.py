@@ -185,8 +185,11 @@ def key_options(base, args: argparse.Namespace) -> dict:
 def timing(result) -> dict[str, float]:
     seconds = [report.seconds for report in result.reports]
     p90 = quantiles(seconds, n=10)[-1] if len(seconds) > 1 else seconds[0]
+    phases = {phase: median(report.phase_seconds.get(phase, 0.0) for report in result.reports)
+              for phase in ("probe", "update", "train", "verify")}
     return {"median_s_per_edit": median(seconds), "p90_s_per_edit": p90, "total_edit_s": sum(seconds),
-            "mean_steps": sum(r.steps for r in result.reports) / len(seconds)}
+            "mean_steps": sum(r.steps for r in result.reports) / len(seconds),
+            "median_steps": median(r.steps for r in result.reports), "median_phase_s": phases}
 
 
 def summary(result) -> dict:
@@ -347,6 +350,9 @@ def print_report(report: dict) -> None:
     print(f"  keys {report['keys']} ({report['keys_per_edit']:.2f} per edit), failed edits {report['failed_edits']}, "
           f"median {report['median_s_per_edit']:.2f} s/edit, p90 {report['p90_s_per_edit']:.2f}, "
           f"mean steps {report['mean_steps']:.1f}, peak RSS {report['peak_rss_mib']:.0f} MiB")
+    phases = report["median_phase_s"]
+    print(f"  per edit (medians): {report['median_steps']:g} steps; " + ", ".join(
+        f"{phase} {seconds * 1000:.0f} ms" for phase, seconds in phases.items()))
     paraphrases = report.get("paraphrases")
     if paraphrases:
         print(f"  rephrases that retrieve their edit {fmt(paraphrases['fired'])}; Gen when they do "

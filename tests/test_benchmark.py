@@ -63,6 +63,8 @@ def test_single_run_writes_scores_curves_and_reference_speed(setup):
     assert paraphrases["rephrases"] == 2 and paraphrases["fired"] in (0.0, 0.5, 1.0)
     assert paraphrases["gen_value_forced"] is not None and 0.0 <= paraphrases["gen_value_forced"] <= 1.0
     assert "rephrases that retrieve their edit" in run.stdout
+    assert set(result["median_phase_s"]) == {"probe", "update", "train", "verify"}
+    assert "per edit (medians):" in run.stdout and "verify" in run.stdout
 
 
 def test_calibrated_run_measures_its_radius_on_background_text(setup):

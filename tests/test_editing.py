@@ -126,6 +126,18 @@ def test_edit_report_to_dict_is_plain():
     assert data["edit_id"] == 0 and data["skipped"] is False and data["steps"] == report.steps
 
 
+def test_edit_report_splits_its_time_into_phases():
+    tm = TINY_MODELS["gpt2"]()
+    editor = editor_for(wrap(tm, skip_if_correct=True), tm)
+    report = editor.edit(NEAR_PROMPTS[0], "canberra")
+    assert set(report.phase_seconds) == {"probe", "update", "train", "verify"}
+    assert all(seconds > 0 for seconds in report.phase_seconds.values())
+    assert sum(report.phase_seconds.values()) <= report.seconds
+    assert report.to_dict()["phase_seconds"] == report.phase_seconds
+    skipped = editor.edit(NEAR_PROMPTS[0], "canberra")  # now predicted: nothing to train or verify
+    assert skipped.skipped and set(skipped.phase_seconds) == {"probe", "update"}
+
+
 # --------------------------------------------------------------------------------------------------- 2. locality
 def test_unrelated_prompt_is_bit_for_bit_the_base_model(any_model):
     tm = any_model

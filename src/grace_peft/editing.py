@@ -71,7 +71,9 @@ class EditsPartlyApplied(RuntimeError):
 
 @dataclass
 class EditReport:
-    """What one edit did. ``operations`` maps each wrapped module to its codebook operation (empty if skipped)."""
+    """What one edit did. ``operations`` maps each wrapped module to its codebook operation (empty if skipped).
+    ``seconds`` is the edit's wall time (its share of its batch's), ``phase_seconds`` how it splits into ``probe``,
+    ``update`` (the codebook rules), ``train`` and ``verify``."""
 
     prompt: str
     target: str | int
@@ -82,6 +84,7 @@ class EditReport:
     loss: float = float("nan")
     success: bool = False
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def operation(self) -> CodebookOperation | None:
@@ -225,36 +228,43 @@ class GraceEditor:
     def _apply_rows(self, encoded: list[EncodedEdit], edits: list[Edit]) -> list[EditReport]:
         """Edit a batch of rows; returns the reports of the leading rows applied (at least one)."""
         started = time.perf_counter()
-        inputs = self._batch([item.inputs for item in encoded])
+        clock = _PhaseClock()
         with _eval_mode(self.model), _codebooks_restored_on_error(self._codebooks()):
-            probes, logits = self._probe(inputs)
-            predicted = target_predicted(self.task, logits, inputs["labels"]).tolist()
-            plans = self._update_codebooks(encoded, probes, predicted)
+            with clock("probe"):
+                inputs = self._batch([item.inputs for item in encoded])
+                probes, logits = self._probe(inputs)
+                predicted = target_predicted(self.task, logits, inputs["labels"]).tolist()
+            with clock("update"):
+                plans = self._update_codebooks(encoded, probes, predicted)
             trained = [row for row, plan in enumerate(plans) if plan is not None]
             steps = [0] * len(plans)
             if trained:
-                every_row = trained == list(range(len(encoded)))
-                batch = inputs if every_row else self._batch([encoded[row].inputs for row in trained])
-                training, variants = self._training_batch(batch, [encoded[row] for row in trained],
-                                                          [edits[row] for row in trained])
-                values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
-                with replay_frozen_blocks(self.frozen_blocks):
-                    for row, count in zip(trained, self._train(training, values, variants), strict=True):
-                        steps[row] = count
-                for row in trained:
-                    for name, (index, value) in plans[row].values.items():
-                        self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
-                losses, successes = self._verify(batch)  # full passes, no replay: the edits as inference sees them
+                with clock("train"):
+                    every_row = trained == list(range(len(encoded)))
+                    batch = inputs if every_row else self._batch([encoded[row].inputs for row in trained])
+                    training, variants = self._training_batch(batch, [encoded[row] for row in trained],
+                                                              [edits[row] for row in trained])
+                    values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
+                    with replay_frozen_blocks(self.frozen_blocks):
+                        for row, count in zip(trained, self._train(training, values, variants), strict=True):
+                            steps[row] = count
+                    for row in trained:
+                        for name, (index, value) in plans[row].values.items():
+                            self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
+                with clock("verify"):  # full passes, no replay: the edits as inference sees them
+                    losses, successes = self._verify(batch)
             seconds = (time.perf_counter() - started) / len(plans)
+        phases = {phase: elapsed / len(plans) for phase, elapsed in clock.seconds.items()}
         reports = []
         for row, (plan, edit) in enumerate(zip(plans, edits, strict=False)):
             if plan is None:
-                reports.append(EditReport(edit.prompt, edit.target, None, skipped=True, success=True, seconds=seconds))
+                reports.append(EditReport(edit.prompt, edit.target, None, skipped=True, success=True, seconds=seconds,
+                                          phase_seconds=phases))
                 continue
             position = trained.index(row)
             reports.append(EditReport(edit.prompt, edit.target, plan.edit_id, skipped=False,
                                       operations=plan.operations, steps=steps[row], loss=losses[position],
-                                      success=successes[position], seconds=seconds))
+                                      success=successes[position], seconds=seconds, phase_seconds=phases))
         return reports
 
     def _update_codebooks(self, encoded: list[EncodedEdit], probes, predicted: list[bool]) -> list[_RowPlan | None]:
@@ -419,6 +429,21 @@ class GraceEditor:
 
     def _codebooks(self):
         return [layer.grace_codebook[self.adapter_name] for layer in self.layers.values()]
+
+
+class _PhaseClock:
+    """Wall time per named phase: ``with clock("train"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 def _single_active_adapter(model: nn.Module) -> str:
