@@ -74,9 +74,9 @@ def test_far_edits_train_in_one_batch(monkeypatch):
     sizes = []
     original = editor._train
 
-    def recording(inputs, values):
+    def recording(inputs, values, variants):
         sizes.append(len(inputs["labels"]))
-        return original(inputs, values)
+        return original(inputs, values, variants)
 
     monkeypatch.setattr(editor, "_train", recording)
     editor.edit_many(FAR_EDITS, batch_size=3)
@@ -109,7 +109,7 @@ def test_an_error_in_a_batch_leaves_every_codebook_as_it_was(monkeypatch):
     editor.edit("tim cook lives in", "london")
     before = {name: tensor.clone() for name, tensor in codebook_of(editor.model).state_dict().items()}
 
-    def failing(inputs, values):
+    def failing(inputs, values, variants):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(editor, "_train", failing)
@@ -136,3 +136,25 @@ def test_lifelong_runs_with_edit_batches_score_like_one_at_a_time():
     assert [point["edits"] for point in one.checkpoints] == [3, 4]
     assert [point["edits"] for point in two.checkpoints] == [4]  # batches end at 2 and 4; 4 crosses 3
     assert two.immediate.count == 4 and two.immediate.per_record["rel"] == one.immediate.per_record["rel"]
+
+
+@pytest.mark.parametrize("value_contexts", [0, 2])
+def test_an_edit_that_is_done_leaves_the_training_batch(value_contexts):
+    editor = editor_for("gpt2", value_init="cold", learning_rate=0.01, value_contexts=value_contexts)
+    editor.frozen_blocks = []  # every training forward starts at the embeddings, where the spy sees its rows
+    layer = next(iter(editor.layers.values()))
+    rows = []
+
+    def spy(module, args):
+        if layer.call_state.forced_values(layer, "default") is not None:
+            rows.append(len(args[0]))
+
+    handle = editor.model.get_input_embeddings().register_forward_pre_hook(spy)
+    try:
+        reports = editor.edit_many(FAR_EDITS, batch_size=4)
+    finally:
+        handle.remove()
+    steps = [report.steps for report in reports]
+    assert len(set(steps)) > 1, f"setup: every edit took {steps[0]} steps; nothing to drop"
+    # forward t trains the edits that needed at least t steps (the last forward of each finds it done)
+    assert rows == [(1 + value_contexts) * sum(count >= t for count in steps) for t in range(max(steps) + 1)]

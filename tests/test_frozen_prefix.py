@@ -296,16 +296,16 @@ def test_blocks_are_restored_when_an_edit_raises_mid_training():
     blocks = editor.frozen_blocks
     assert len(blocks) == 2
 
-    def failing_train(inputs, values):
-        assert all(block._forward_hooks for block in blocks)  # set to record the first training forward
+    def failing_check(*args):
+        assert all("forward" in block.__dict__ for block in blocks)  # the first training forward switched to replay
         raise RuntimeError("boom")
 
-    editor._train = failing_train
+    editor._done = failing_check
     with pytest.raises(RuntimeError, match="boom"):
         editor.edit("the capital of australia is", "canberra")
     assert all("forward" not in block.__dict__ and not block._forward_hooks for block in blocks)
     assert editor.num_keys() == 0
     assert_like_a_fresh_model(model, gpt2_3, tokenizer)
     # and the editor still works: a later edit takes
-    del editor._train
+    del editor._done
     assert editor.edit("the capital of australia is", "canberra").success

@@ -245,9 +245,8 @@ class GraceEditor:
                     training, variants = self._training_batch(batch, [encoded[row] for row in trained],
                                                               [edits[row] for row in trained])
                     values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
-                    with replay_frozen_blocks(self.frozen_blocks):
-                        for row, count in zip(trained, self._train(training, values, variants), strict=True):
-                            steps[row] = count
+                    for row, count in zip(trained, self._train(training, values, variants), strict=True):
+                        steps[row] = count
                     for row in trained:
                         for name, (index, value) in plans[row].values.items():
                             self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
@@ -340,42 +339,51 @@ class GraceEditor:
     def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]],
                variants: int = 1) -> list[int]:
         """Train each edit's values (one Adam per edit, on the mean loss of that edit's ``variants`` consecutive rows)
-        until the edit is done or ``max_steps``; returns the steps each edit took."""
+        until the edit is done or ``max_steps``; returns the steps each edit took. An edit that is done leaves the
+        batch, so a batch never costs more steps than its edits trained one at a time."""
         config = self.config
-        rows = len(inputs["labels"]) // variants
-        optimizers = [torch.optim.Adam([values[name][row] for name in values], lr=config.learning_rate)
-                      for row in range(rows)]
-        steps = [0] * rows
-        active = [True] * rows
-        inputs, labels = self._training_inputs(inputs)
+        edits = len(inputs["labels"]) // variants
+        optimizers = [torch.optim.Adam([values[name][edit] for name in values], lr=config.learning_rate)
+                      for edit in range(edits)]
+        steps = [0] * edits
+        active = list(range(edits))  # edits still training, in batch order
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
-        with torch.enable_grad():
+        with torch.enable_grad(), replay_frozen_blocks(self.frozen_blocks) as replay:
+            batch, labels = self._training_inputs(inputs)
             for _ in range(config.max_steps):
-                forced = {(self.layers[name], self.adapter_name): torch.stack(row_values).repeat_interleave(variants, 0)
-                          for name, row_values in values.items()}
+                forced = {(self.layers[name], self.adapter_name):
+                          torch.stack([edit_values[edit] for edit in active]).repeat_interleave(variants, 0)
+                          for name, edit_values in values.items()}
                 with self._call_state.forcing_values(forced), self._autocast():
-                    logits = self.model(**inputs).logits
-                losses = per_row_loss(self.task, logits, labels).view(rows, variants).mean(1)
+                    logits = self.model(**batch).logits
+                losses = per_row_loss(self.task, logits, labels).view(len(active), variants).mean(1)
                 if not torch.isfinite(losses).all():
                     raise FloatingPointError(f"An edit's loss became {losses.tolist()} after {max(steps)} steps; "
                                              "lower GraceConfig.learning_rate.")
                 finished = self._done(logits, losses, labels, variants)
-                active = [still and not done for still, done in zip(active, finished, strict=True)]
-                if not any(active):
+                if all(finished):
                     break
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                loss = losses.sum()  # each value only gets its own row's gradient
+                loss = losses.sum()  # each value only gets its own edit's gradient
                 (loss if scaler is None else scaler.scale(loss)).backward()
-                for row, optimizer in enumerate(optimizers):
-                    if active[row]:
+                for edit, done in zip(active, finished, strict=True):
+                    if not done:
                         if scaler is None:
-                            optimizer.step()
+                            optimizers[edit].step()
                         else:
-                            scaler.step(optimizer)  # unscales; skips the step if the gradient overflowed
-                        steps[row] += 1
+                            scaler.step(optimizers[edit])  # unscales; skips the step if the gradient overflowed
+                        steps[edit] += 1
                 if scaler is not None:
                     scaler.update()
+                if any(finished):
+                    kept = [position for position, done in enumerate(finished) if not done]
+                    active = [active[position] for position in kept]
+                    rows = torch.tensor([position * variants + variant for position in kept
+                                         for variant in range(variants)])
+                    inputs = {name: tensor[rows.to(tensor.device)] for name, tensor in inputs.items()}
+                    replay.keep_rows(rows, len(finished) * variants)
+                    batch, labels = self._training_inputs(inputs)
         return steps
 
     def _training_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -29,24 +29,37 @@ def blocks_below(model: nn.Module, module_names: list[str]) -> list[nn.Module]:
     return []
 
 
+class Replay:
+    """The recordings of one :func:`replay_frozen_blocks` context, per block position."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[int, Any] = {}
+
+    def keep_rows(self, rows: Tensor, batch: int) -> None:
+        """From now on replay only these rows (in this order) of the ``batch`` rows so far: the training batch has
+        dropped the others. Tensors that do not have one row per batch row (a shared position bias) stay whole."""
+        self.recorded = {position: _select_rows(output, rows, batch) for position, output in self.recorded.items()}
+
+
 @contextmanager
-def replay_frozen_blocks(blocks: list[nn.Module]) -> Iterator[None]:
+def replay_frozen_blocks(blocks: list[nn.Module]) -> Iterator[Replay]:
     """Record each block's output on the first forward pass inside the context, replay it on later passes.
 
-    Only valid while every pass gets the same inputs and nothing in ``blocks`` changes (true during one edit)."""
-    recorded: dict[int, Any] = {}
+    Only valid while every pass gets the same inputs (or the rows that :meth:`Replay.keep_rows` kept) and nothing in
+    ``blocks`` changes (true during one edit)."""
+    replay = Replay()
     handles = []
     previous_forward = {}
 
     def replaying_forward(position: int):
         def forward(*args, **kwargs):
-            return _clone_tensors(recorded[position])
+            return _clone_tensors(replay.recorded[position])
         return forward
 
     def record(position: int):
         def hook(module: nn.Module, args, output):
-            recorded[position] = _clone_tensors(output)
-            if len(recorded) == len(blocks):  # first pass complete: switch every block to replay
+            replay.recorded[position] = _clone_tensors(output)
+            if len(replay.recorded) == len(blocks):  # first pass complete: switch every block to replay
                 for block_position, block in enumerate(blocks):
                     previous_forward[block_position] = block.__dict__.get("forward")
                     block.forward = replaying_forward(block_position)
@@ -56,7 +69,7 @@ def replay_frozen_blocks(blocks: list[nn.Module]) -> Iterator[None]:
 
     handles.extend(block.register_forward_hook(record(position)) for position, block in enumerate(blocks))
     try:
-        yield
+        yield replay
     finally:
         for handle in handles:
             handle.remove()
@@ -65,6 +78,14 @@ def replay_frozen_blocks(blocks: list[nn.Module]) -> Iterator[None]:
                 del blocks[position].forward
             else:
                 blocks[position].forward = forward
+
+
+def _select_rows(output: Any, rows: Tensor, batch: int) -> Any:
+    if isinstance(output, Tensor):
+        return output[rows.to(output.device)] if output.dim() and output.shape[0] == batch else output
+    if type(output) in (tuple, list):
+        return type(output)(_select_rows(item, rows, batch) for item in output)
+    return output
 
 
 def _clone_tensors(output: Any) -> Any:
