@@ -115,3 +115,9 @@ def test_value_contexts_must_be_a_whole_number(count):
 def test_value_contexts_round_trips_through_the_adapter_config(tmp_path):
     GraceConfig(target_modules=["x"], value_contexts=6).save_pretrained(tmp_path)
     assert GraceConfig.from_pretrained(tmp_path).value_contexts == 6
+
+
+def test_a_classifier_has_no_text_to_train_after():
+    tm = TINY_MODELS["bert"]()
+    with pytest.raises(ValueError, match="set value_contexts=0"):
+        GraceEditor(wrap(tm, value_contexts=2), tm.tokenizer, progress=False)

@@ -152,6 +152,9 @@ class GraceEditor:
         self.frozen_blocks = blocks_below(transformers_model(model), list(self.layers)) if reuse_frozen_layers \
             else []
         self._context_texts: dict[tuple[int, int], list[str]] = {}
+        if self.config.value_contexts and self.task is Task.SEQUENCE_CLASSIFICATION:
+            raise ValueError("GraceConfig.value_contexts trains values after text the model writes itself, and a "
+                             "sequence classifier writes none: set value_contexts=0 for it.")
 
     @property
     def config(self) -> GraceConfig:
@@ -245,13 +248,16 @@ class GraceEditor:
                     training, variants = self._training_batch(batch, [encoded[row] for row in trained],
                                                               [edits[row] for row in trained])
                     values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
-                    for row, count in zip(trained, self._train(training, values, variants), strict=True):
+                    counts, outcomes = self._train(training, values, variants)
+                    for row, count in zip(trained, counts, strict=True):
                         steps[row] = count
                     for row in trained:
                         for name, (index, value) in plans[row].values.items():
                             self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
-                with clock("verify"):  # full passes, no replay: the edits as inference sees them
-                    losses, successes = self._verify(batch)
+                with clock("verify"):
+                    losses, successes = self._verified(batch, [plans[row] for row in trained],
+                                                       [{name: probes[name][0][row] for name in self.layers}
+                                                        for row in trained], outcomes)
             seconds = (time.perf_counter() - started) / len(plans)
         phases = {phase: elapsed / len(plans) for phase, elapsed in clock.seconds.items()}
         reports = []
@@ -337,15 +343,18 @@ class GraceEditor:
         return self._batch(rows), 1 + len(contexts)
 
     def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]],
-               variants: int = 1) -> list[int]:
+               variants: int = 1) -> tuple[list[int], list[tuple[float, bool] | None]]:
         """Train each edit's values (one Adam per edit, on the mean loss of that edit's ``variants`` consecutive rows)
-        until the edit is done or ``max_steps``; returns the steps each edit took. An edit that is done leaves the
-        batch, so a batch never costs more steps than its edits trained one at a time."""
+        until the edit is done or ``max_steps``. An edit that is done leaves the batch, so a batch never costs more
+        steps than its edits trained one at a time. Returns the steps each edit took and, for an edit that finished
+        by the early-stop rule, the loss and whether the target is predicted on its own prompt in the forward pass
+        that found it done (with its final value; None for an edit stopped by ``max_steps``)."""
         config = self.config
         edits = len(inputs["labels"]) // variants
         optimizers = [torch.optim.Adam([values[name][edit] for name in values], lr=config.learning_rate)
                       for edit in range(edits)]
         steps = [0] * edits
+        outcomes: list[tuple[float, bool] | None] = [None] * edits
         active = list(range(edits))  # edits still training, in batch order
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
         with torch.enable_grad(), replay_frozen_blocks(self.frozen_blocks) as replay:
@@ -361,6 +370,13 @@ class GraceEditor:
                     raise FloatingPointError(f"An edit's loss became {losses.tolist()} after {max(steps)} steps; "
                                              "lower GraceConfig.learning_rate.")
                 finished = self._done(logits, losses, labels, variants)
+                if any(finished):
+                    own = torch.arange(len(active), device=logits.device) * variants  # each edit's own prompt row
+                    own_losses = per_row_loss(self.task, logits[own], labels[own.to(labels.device)]).tolist()
+                    predicted = target_predicted(self.task, logits[own], labels[own.to(labels.device)]).tolist()
+                    for position, done in enumerate(finished):
+                        if done:
+                            outcomes[active[position]] = (own_losses[position], predicted[position])
                 if all(finished):
                     break
                 for optimizer in optimizers:
@@ -384,7 +400,7 @@ class GraceEditor:
                     inputs = {name: tensor[rows.to(tensor.device)] for name, tensor in inputs.items()}
                     replay.keep_rows(rows, len(finished) * variants)
                     batch, labels = self._training_inputs(inputs)
-        return steps
+        return steps, outcomes
 
     def _training_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The training forward's inputs and the labels its logits are scored against.
@@ -410,6 +426,22 @@ class GraceEditor:
         if rule == "loss":
             return (losses.detach() < self.config.stop_loss).tolist()
         return [False] * len(losses)
+
+    def _verified(self, batch: dict[str, torch.Tensor], plans: list[_RowPlan], queries: list[dict[str, torch.Tensor]],
+                  outcomes: list[tuple[float, bool] | None]) -> tuple[list[float], list[bool]]:
+        """Each trained edit's loss and success as inference sees them. The forward pass that stopped an edit's
+        training already shows them, when inference would use the value it trained: every layer's codebook
+        retrieves, for the edit's own query, the entry that was trained (inference then replaces the same output
+        with the same value, and the frozen blocks below are bit-identical). Otherwise (stopped by ``max_steps``, or
+        another entry is nearer) a full inference pass decides."""
+        retrieved = all(
+            outcome is not None and all(
+                int(self.layers[name].grace_codebook[self.adapter_name].lookup(query[name])[0]) == plan.values[name][0]
+                for name in self.layers)
+            for plan, query, outcome in zip(plans, queries, outcomes, strict=True))
+        if retrieved:
+            return [loss for loss, _ in outcomes], [predicted for _, predicted in outcomes]
+        return self._verify(batch)
 
     @torch.no_grad()
     def _verify(self, inputs: dict[str, torch.Tensor]) -> tuple[list[float], list[bool]]:
