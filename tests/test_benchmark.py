@@ -131,3 +131,19 @@ def test_batched_editing_benchmark_compares_with_one_at_a_time(setup):
     assert [row["batch_size"] for row in runs] == [1, 3]
     assert all(row["same_entries_as_baseline"] and row["took"] == 3 and row["rel"] == 1.0 for row in runs)
     assert runs[1]["max_value_difference"] < 1e-3 and runs[0]["speedup"] == 1.0
+
+
+def test_edit_speed_benchmark_compares_with_the_minimal_reference_loop(setup):
+    folder, _ = setup
+    output = folder / "speed.json"
+    run = subprocess.run([sys.executable, str(SCRIPT.with_name("edit_speed.py")), "--model", str(folder / "model"),
+                          "--data", str(folder / "edits.jsonl"), "--reference-edits", "2", "--output", str(output),
+                          "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(output.read_text())
+    assert result["edits"] == 3 and result["reference"]["edits"] == 2 and result["reference"]["steps"] == 100
+    assert result["speedup_median"] == pytest.approx(result["reference"]["median_s_per_edit"]
+                                                     / result["ours"]["median_s_per_edit_on_reference_edits"])
+    assert set(result["ours"]["median_phase_s"]) == {"probe", "update", "train", "verify"}
+    assert result["ours"]["final"]["rel"] >= result["ours"]["unedited"]["rel"]
+    assert "reference loop on the first 2 edits" in run.stdout
