@@ -5,7 +5,7 @@
 
 Every setting is timed in the same process, round-robin over the settings so that drift of a shared machine hits
 them alike, and reported as a ratio to the unwrapped base model. Large codebooks are filled with synthetic keys
-drawn around real queries of the edited layer (shifted so that no prompt of the run hits one): the cost of the
+drawn around real keys of the default settings (shifted so that no prompt of the run hits one): the cost of the
 search does not depend on what the keys mean. Also times the nearest-key search alone, which runs once per
 prefill and never per decoded token.
 """
@@ -24,7 +24,7 @@ import torch
 from peft import get_peft_model
 
 from grace_peft import GraceConfig
-from grace_peft.apps.base_models import load_model, mlp_output_projection
+from grace_peft.apps.base_models import load_model, mlp_output_projection, smollm2_settings
 from grace_peft.apps.demo import EDITS_FILE, UNRELATED_PROMPTS
 from grace_peft.atomic import atomic_file
 from grace_peft.evaluation import read_jsonl
@@ -81,17 +81,14 @@ def full_name(model, name: str) -> str:
     return matches[0]
 
 
-def query_sample(model, tokenizer, target: str, texts: list[str]) -> torch.Tensor:
-    """Inputs of the target module at each prompt's last token (what a key is compared with)."""
+def query_sample(model, layer, tokenizer, texts: list[str]) -> torch.Tensor:
+    """The keys ``layer``'s codebook is searched with for each prompt (an empty codebook: nothing replaced)."""
     captured = []
-    module = model.get_submodule(target)
-    handle = module.register_forward_pre_hook(lambda _, args: captured.append(args[0][:, -1].detach().float()))
-    try:
-        with torch.no_grad():
-            for text in texts:
+    with torch.no_grad():
+        for text in texts:
+            with layer.call_state.recording_queries() as recorded:
                 model(**tokenizer(text, return_tensors="pt"))
-    finally:
-        handle.remove()
+            captured.append(recorded[(layer, "default")][0])
     return torch.cat(captured)
 
 
@@ -109,12 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(size) for size in args.sizes.split(",")]
     base, tokenizer = load_model(args.model)
     tokenizer.padding_side = "left"
-    target = full_name(base, args.target_module) if args.target_module else mlp_output_projection(base)
+    if args.target_module:
+        config = GraceConfig(target_modules=[full_name(base, args.target_module)])
+    else:  # the default settings: SmolLM2's measured key, or the paper's key at the default layer
+        config = GraceConfig(**smollm2_settings(base)) if args.model == "smollm2" else \
+            GraceConfig(target_modules=[mlp_output_projection(base)])
+    (target,) = config.target_modules
     batch_prompts, single_prompts = prompts(args.batch), prompts(args.single_prompts)
-    queries = query_sample(base, tokenizer, target, prompts(44))
     unwrapped = copy.deepcopy(base)  # the baseline: no adapter, no hooks
-    model = get_peft_model(base, GraceConfig(target_modules=[target]))
-    codebook = model.base_model.model.get_submodule(target).grace_codebook["default"]
+    model = get_peft_model(base, config)
+    layer = model.base_model.model.get_submodule(target)
+    codebook = layer.grace_codebook["default"]
+    queries = query_sample(model, layer, tokenizer, prompts(44))
     generator = torch.Generator().manual_seed(0)
 
     settings = ["base"] + [f"{size} keys" for size in sizes]
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"batch_{args.batch}_ms": 1e3 * search_seconds(codebook, queries[:args.batch])}
         print(f"round {round_}/{args.repeats} done", file=sys.stderr, flush=True)
 
-    report = {"model": args.model, "target_module": target, "new_tokens": args.new_tokens,
+    report = {"model": args.model, "target_module": target, "key": config.key, "key_module": config.key_module,
+              "new_tokens": args.new_tokens,
               "torch_threads": torch.get_num_threads(), "settings": {}}
     base_rates = {mode: len(texts) * args.new_tokens / median(timings["base"][mode])
                   for mode, texts in (("single", single_prompts), ("batch", batch_prompts))}
