@@ -147,3 +147,16 @@ def test_edit_speed_benchmark_compares_with_the_minimal_reference_loop(setup):
     assert set(result["ours"]["median_phase_s"]) == {"probe", "update", "train", "verify"}
     assert result["ours"]["final"]["rel"] >= result["ours"]["unedited"]["rel"]
     assert "reference loop on the first 2 edits" in run.stdout
+
+
+def test_codebook_scale_benchmark_checks_the_search_and_reports_bytes_per_key(tmp_path):
+    output = tmp_path / "scale.json"
+    run = subprocess.run([sys.executable, str(SCRIPT.with_name("codebook_scale.py")), "--sizes", "100,400",
+                          "--key-dim", "16", "--value-dim", "8", "--repeats", "2", "--output", str(output)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["size"] for row in rows] == [100, 400]
+    # float32 key and value, then radius, label length, edit id and one label token: 4 + 8 + 8 + 8 bytes
+    assert all(row["bytes_per_key"] == 4 * (16 + 8) + 28 for row in rows)
+    assert all(row["search_16_ms"] > 0 and row["exact_16_ms"] > 0 for row in rows)
