@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="set eps_init (and the key center) by grace_peft.calibrate for false-hit rate P on the "
                              "model's own background text, instead of --eps-init")
     parser.add_argument("--no-center", action="store_true", help="with --calibrate: keep the key center at zero")
+    parser.add_argument("--learning-rate", type=float, help="GraceConfig.learning_rate (default: the config's)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
     parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
     parser.add_argument("--immediate", action="store_true",
@@ -108,6 +109,7 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
                    edit_batch_size: int | None = None):
     """One lifelong run on a fresh copy of the base model."""
     options = {"replacement": args.replacement, "max_steps": args.max_steps, "value_contexts": args.value_contexts,
+               **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
                **key_options(base, args), **(procedure or {})}
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
@@ -330,7 +332,8 @@ def settings(args, records) -> dict:
     return {"model": args.model, "data": args.data, "edits": len(records), "layer": args.layer,
             "target_module": args.target_module, "eps_init": args.eps_init, "replacement": args.replacement,
             "key": args.key, "key_layer": args.key_layer, "eps_split": args.eps_split,
-            "value_contexts": args.value_contexts, "calibrate_false_hit_rate": args.calibrate,
+            "value_contexts": args.value_contexts, "learning_rate": args.learning_rate,
+            "calibrate_false_hit_rate": args.calibrate,
             "calibrate_center": bool(args.calibrate) and not args.no_center,
             "calibrated_eps_init": getattr(args, "calibrated_eps_init", None),
             "smollm2_key_settings": uses_smollm2_keys(args),
