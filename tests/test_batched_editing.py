@@ -74,9 +74,9 @@ def test_far_edits_train_in_one_batch(monkeypatch):
     sizes = []
     original = editor._train
 
-    def recording(inputs, values, variants):
+    def recording(inputs, values, *args):
         sizes.append(len(inputs["labels"]))
-        return original(inputs, values, variants)
+        return original(inputs, values, *args)
 
     monkeypatch.setattr(editor, "_train", recording)
     editor.edit_many(FAR_EDITS, batch_size=3)
@@ -109,7 +109,7 @@ def test_an_error_in_a_batch_leaves_every_codebook_as_it_was(monkeypatch):
     editor.edit("tim cook lives in", "london")
     before = {name: tensor.clone() for name, tensor in codebook_of(editor.model).state_dict().items()}
 
-    def failing(inputs, values, variants):
+    def failing(inputs, values, *args):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(editor, "_train", failing)

@@ -226,10 +226,10 @@ def test_replay_skips_the_blocks_computation(early_stop, max_steps):
         assert s == max_steps and training_forwards == max_steps
     else:
         assert s < max_steps
-    # the probe + the first training forward (recorded, then replayed), and a verify pass unless the forward that
-    # stopped the training already showed the target predicted with the final value
+    # the probe (recorded, then replayed in every training step), and a verify pass unless the forward that stopped
+    # the training already showed the target predicted with the final value
     verify = 1 if early_stop == "never" else 0
-    assert counts[True] == 2 + verify
+    assert counts[True] == 1 + verify
     assert counts[False] == 1 + training_forwards + verify  # probe + every training step (+ verify)
 
 

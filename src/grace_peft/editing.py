@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .background import background_texts
 from .codebook import CodebookOperation
 from .config import GraceConfig
-from .frozen_prefix import blocks_below, replay_frozen_blocks
+from .frozen_prefix import Replay, blocks_below, replay_frozen_blocks
 from .inputs import (
     Edit,
     EditLike,
@@ -232,28 +232,35 @@ class GraceEditor:
         """Edit a batch of rows; returns the reports of the leading rows applied (at least one)."""
         started = time.perf_counter()
         clock = _PhaseClock()
+        # Without contexts the values train on the probe's own rows: the frozen blocks' outputs recorded in the probe
+        # are replayed in every training step (a contexts batch has other rows: training records its own).
+        reuse_probe = not self.config.value_contexts
         with _eval_mode(self.model), _codebooks_restored_on_error(self._codebooks()):
-            with clock("probe"):
-                inputs = self._batch([item.inputs for item in encoded])
-                probes, logits = self._probe(inputs)
-                predicted = target_predicted(self.task, logits, inputs["labels"]).tolist()
-            with clock("update"):
-                plans = self._update_codebooks(encoded, probes, predicted)
-            trained = [row for row, plan in enumerate(plans) if plan is not None]
-            steps = [0] * len(plans)
+            with replay_frozen_blocks(self.frozen_blocks if reuse_probe else []) as replay:
+                with clock("probe"):
+                    inputs = self._batch([item.inputs for item in encoded])
+                    probes, predicted = self._probe(inputs)
+                with clock("update"):
+                    plans = self._update_codebooks(encoded, probes, predicted)
+                trained = [row for row, plan in enumerate(plans) if plan is not None]
+                steps = [0] * len(plans)
+                if trained:
+                    with clock("train"):
+                        batch = inputs
+                        if trained != list(range(len(encoded))):
+                            rows = torch.tensor(trained)
+                            batch = {name: tensor[rows.to(tensor.device)] for name, tensor in inputs.items()}
+                            replay.keep_rows(rows, len(encoded))
+                        training, variants = self._training_batch(batch, [encoded[row] for row in trained],
+                                                                  [edits[row] for row in trained])
+                        values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
+                        counts, outcomes = self._train(training, values, variants, replay if reuse_probe else None)
+                        for row, count in zip(trained, counts, strict=True):
+                            steps[row] = count
+                        for row in trained:
+                            for name, (index, value) in plans[row].values.items():
+                                self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
             if trained:
-                with clock("train"):
-                    every_row = trained == list(range(len(encoded)))
-                    batch = inputs if every_row else self._batch([encoded[row].inputs for row in trained])
-                    training, variants = self._training_batch(batch, [encoded[row] for row in trained],
-                                                              [edits[row] for row in trained])
-                    values = {name: [plans[row].values[name][1] for row in trained] for name in self.layers}
-                    counts, outcomes = self._train(training, values, variants)
-                    for row, count in zip(trained, counts, strict=True):
-                        steps[row] = count
-                    for row in trained:
-                        for name, (index, value) in plans[row].values.items():
-                            self.layers[name].grace_codebook[self.adapter_name].set_value(index, value)
                 with clock("verify"):
                     losses, successes = self._verified(batch, [plans[row] for row in trained],
                                                        [{name: probes[name][0][row] for name in self.layers}
@@ -313,9 +320,12 @@ class GraceEditor:
 
     @torch.no_grad()
     def _probe(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
-                                                                torch.Tensor]:
+                                                                list[bool]]:
+        """One forward pass: per layer the queries and the layer's own output there, and per row whether the target
+        is already predicted (logits only from the query on, as in training)."""
+        batch, labels = self._training_inputs(inputs)
         with self._call_state.recording_queries() as recorded, self._autocast():
-            logits = self.model(**inputs).logits
+            logits = self.model(**batch).logits
         probes = {name: recorded.get((layer, self.adapter_name)) for name, layer in self.layers.items()}
         missing = [name for name, probe in probes.items() if probe is None]
         if missing:
@@ -324,7 +334,7 @@ class GraceEditor:
             if not torch.isfinite(query).all():
                 raise ValueError(f"The input of '{name}' contains NaN or inf for this edit; the model's forward pass "
                                  "is numerically broken before the edited layer (check its dtype and weights).")
-        return probes, logits
+        return probes, target_predicted(self.task, logits, labels).tolist()
 
     def _training_batch(self, batch: dict[str, torch.Tensor], encoded: list[EncodedEdit],
                         edits: list[Edit]) -> tuple[dict[str, torch.Tensor], int]:
@@ -342,13 +352,14 @@ class GraceEditor:
                                     for context in contexts)]
         return self._batch(rows), 1 + len(contexts)
 
-    def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]],
-               variants: int = 1) -> tuple[list[int], list[tuple[float, bool] | None]]:
+    def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]], variants: int = 1,
+               replay: Replay | None = None) -> tuple[list[int], list[tuple[float, bool] | None]]:
         """Train each edit's values (one Adam per edit, on the mean loss of that edit's ``variants`` consecutive rows)
         until the edit is done or ``max_steps``. An edit that is done leaves the batch, so a batch never costs more
         steps than its edits trained one at a time. Returns the steps each edit took and, for an edit that finished
         by the early-stop rule, the loss and whether the target is predicted on its own prompt in the forward pass
-        that found it done (with its final value; None for an edit stopped by ``max_steps``)."""
+        that found it done (with its final value; None for an edit stopped by ``max_steps``). ``replay`` already
+        holds the frozen blocks' outputs for ``inputs`` (the probe's); else training records its own."""
         config = self.config
         edits = len(inputs["labels"]) // variants
         optimizers = [torch.optim.Adam([values[name][edit] for name in values], lr=config.learning_rate)
@@ -357,7 +368,8 @@ class GraceEditor:
         outcomes: list[tuple[float, bool] | None] = [None] * edits
         active = list(range(edits))  # edits still training, in batch order
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
-        with torch.enable_grad(), replay_frozen_blocks(self.frozen_blocks) as replay:
+        recorded = nullcontext(replay) if replay is not None else replay_frozen_blocks(self.frozen_blocks)
+        with torch.enable_grad(), recorded as replay:
             batch, labels = self._training_inputs(inputs)
             for _ in range(config.max_steps):
                 forced = {(self.layers[name], self.adapter_name):
