@@ -160,3 +160,20 @@ def test_codebook_scale_benchmark_checks_the_search_and_reports_bytes_per_key(tm
     # float32 key and value, then radius, label length, edit id and one label token: 4 + 8 + 8 + 8 bytes
     assert all(row["bytes_per_key"] == pytest.approx(4 * (16 + 8) + 28, abs=0.1) for row in rows)  # + next_edit_id
     assert all(row["search_16_ms"] > 0 and row["exact_16_ms"] > 0 for row in rows)
+
+
+def test_gen_loc_curves_plot_one_curve_per_sweep(setup):
+    folder, tiny = setup
+    for name, eps in (("small", "0.1,0.2"), ("large", "1,5")):
+        run = run_script(folder, tiny, "--sweep-layers", "1", "--sweep-eps", eps, "--output", str(folder / name),
+                         "--target-module", "")
+        assert run.returncode == 0, run.stderr
+    output = folder / "curves"
+    run = subprocess.run([sys.executable, str(SCRIPT.with_name("gen_loc_curves.py")), f"small={folder / 'small'}",
+                          f"large={folder / 'large'}", "--output", str(output)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    table = (output / "gen_loc.md").read_text().splitlines()
+    assert [line.split("|")[1:3] for line in table[2:]] == [[" small ", " 0.1 "], [" small ", " 0.2 "],
+                                                             [" large ", " 1 "], [" large ", " 5 "]]
+    assert (output / "gen_loc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
