@@ -41,11 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def key_settings(base, args: argparse.Namespace) -> dict:
-    """SmolLM2's measured key settings when SmolLM2 is edited at its default layer; the paper's key otherwise."""
+    """SmolLM2's measured key and training settings when SmolLM2 is edited at its default layer; the paper's key
+    otherwise."""
     if args.model != "smollm2" or args.target_module:
         return {}
     settings = smollm2_settings(base)
-    return {name: settings[name] for name in ("key", "key_module", "eps_split")}
+    return {name: settings[name] for name in ("key", "key_module", "eps_split", "learning_rate")}
 
 
 def main(argv: list[str] | None = None) -> int:

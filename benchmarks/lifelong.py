@@ -32,7 +32,7 @@ from grace_peft.apps.base_models import (
     SMOLLM2_KEY_LAYER,
     SMOLLM2_KEY_SETTINGS,
     SMOLLM2_LAYER,
-    SMOLLM2_VALUE_CONTEXTS,
+    SMOLLM2_LEARNING_RATE,
     load_model,
     mlp_output_projection,
 )
@@ -65,13 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eps-split", help="GraceConfig.eps_split (default: as --key)")
     parser.add_argument("--key-layer", type=int,
                         help="make the key of this block's MLP down projection input (GraceConfig.key_module)")
-    parser.add_argument("--value-contexts", type=int,
-                        help="GraceConfig.value_contexts (default: SmolLM2's setting with its key settings, else 0)")
+    parser.add_argument("--value-contexts", type=int, default=0, help="GraceConfig.value_contexts (default 0)")
     parser.add_argument("--calibrate", type=float, metavar="P",
                         help="set eps_init (and the key center) by grace_peft.calibrate for false-hit rate P on the "
                              "model's own background text, instead of --eps-init")
     parser.add_argument("--no-center", action="store_true", help="with --calibrate: keep the key center at zero")
-    parser.add_argument("--learning-rate", type=float, help="GraceConfig.learning_rate (default: the config's)")
+    parser.add_argument("--learning-rate", type=float, help="GraceConfig.learning_rate (default: "
+                        f"{SMOLLM2_LEARNING_RATE} for SmolLM2 at block {SMOLLM2_LAYER}, else the config's)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
     parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
     parser.add_argument("--immediate", action="store_true",
@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--calibrate takes a false-hit rate between 0 and 1 and sets the radius itself: not with a sweep")
     if args.eps_init is None:
         args.eps_init = SMOLLM2_EPS_INIT if uses_smollm2_keys(args) else 1.0
-    if args.value_contexts is None:
-        args.value_contexts = SMOLLM2_VALUE_CONTEXTS if uses_smollm2_keys(args) else 0
+    if args.learning_rate is None and args.model == "smollm2" and args.layer == SMOLLM2_LAYER:
+        args.learning_rate = SMOLLM2_LEARNING_RATE
     return args
 
 
