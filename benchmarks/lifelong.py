@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="set eps_init (and the key center) by grace_peft.calibrate for false-hit rate P on the "
                              "model's own background text, instead of --eps-init")
     parser.add_argument("--no-center", action="store_true", help="with --calibrate: keep the key center at zero")
+    parser.add_argument("--optimizer", choices=("adam", "line_search"), help="GraceConfig.optimizer (default adam)")
     parser.add_argument("--learning-rate", type=float, help="GraceConfig.learning_rate (default: "
                         f"{SMOLLM2_LEARNING_RATE} for SmolLM2 at block {SMOLLM2_LAYER}, else the config's)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
@@ -110,6 +111,7 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
     """One lifelong run on a fresh copy of the base model."""
     options = {"replacement": args.replacement, "max_steps": args.max_steps, "value_contexts": args.value_contexts,
                **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+               **({"optimizer": args.optimizer} if args.optimizer else {}),
                **key_options(base, args), **(procedure or {})}
     config = GraceConfig(target_modules=[target_name(base, args, layer)], eps_init=eps_init, **options)
     model = get_peft_model(copy.deepcopy(base), config)
@@ -332,7 +334,7 @@ def settings(args, records) -> dict:
     return {"model": args.model, "data": args.data, "edits": len(records), "layer": args.layer,
             "target_module": args.target_module, "eps_init": args.eps_init, "replacement": args.replacement,
             "key": args.key, "key_layer": args.key_layer, "eps_split": args.eps_split,
-            "value_contexts": args.value_contexts, "learning_rate": args.learning_rate,
+            "value_contexts": args.value_contexts, "learning_rate": args.learning_rate, "optimizer": args.optimizer,
             "calibrate_false_hit_rate": args.calibrate,
             "calibrate_center": bool(args.calibrate) and not args.no_center,
             "calibrated_eps_init": getattr(args, "calibrated_eps_init", None),

@@ -20,6 +20,7 @@ from .saving import config_saved_with_weights
 REPLACEMENT_MODES = ("replace_last", "replace_all", "replace_prompt")
 VALUE_INITS = ("warm", "cold")
 EARLY_STOP_RULES = ("predicted", "loss", "never")
+OPTIMIZERS = ("adam", "line_search")
 
 
 @dataclass
@@ -61,6 +62,11 @@ class GraceConfig(PeftConfig):
             a short text the model writes itself (seeded by ``seed``, the same texts for every edit). A value trained
             so still carries the edit when a reworded prompt, whose other tokens differ, retrieves it. ``0`` (the
             paper) trains on the edit prompt alone; each context adds a row to every training step.
+        optimizer: How a value is trained: ``"adam"`` (the reference, at ``learning_rate``) or ``"line_search"``
+            (normalized gradient steps; the first is ``line_search_step`` times the value's norm, then each step
+            doubles after progress and halves otherwise: no rate in the layer's units to choose, see
+            :mod:`grace_peft.optimizers`).
+        line_search_step: The first step of ``"line_search"``, as a fraction of the value's norm.
         learning_rate: Adam learning rate for the value of an edit (reference: 1.0).
         max_steps: Cap on optimizer steps per edit (reference: 100).
         early_stop: ``"predicted"`` stops once every target token is the argmax; ``"loss"`` once the loss is below
@@ -103,6 +109,10 @@ class GraceConfig(PeftConfig):
     value_contexts: int = field(
         default=0, metadata={"help": "Model-written contexts each value is also trained under (0: the prompt only)."}
     )
+    optimizer: Literal["adam", "line_search"] = field(default="adam", metadata={"help": "How a value is trained."})
+    line_search_step: float = field(
+        default=0.25, metadata={"help": "First line-search step, as a fraction of the value's norm."}
+    )
     learning_rate: float = field(default=1.0, metadata={"help": "Adam learning rate for a value."})
     max_steps: int = field(default=100, metadata={"help": "Maximum optimizer steps per edit."})
     early_stop: Literal["predicted", "loss", "never"] = field(
@@ -134,6 +144,9 @@ class GraceConfig(PeftConfig):
         _check_choice("replacement", self.replacement, REPLACEMENT_MODES)
         _check_choice("value_init", self.value_init, VALUE_INITS)
         _check_choice("early_stop", self.early_stop, EARLY_STOP_RULES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not (math.isfinite(self.line_search_step) and self.line_search_step > 0):
+            raise ValueError(f"GraceConfig.line_search_step must be positive, got {self.line_search_step!r}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"GraceConfig.learning_rate must be positive, got {self.learning_rate!r}.")
         if not isinstance(self.value_contexts, int) or isinstance(self.value_contexts, bool) or self.value_contexts < 0:

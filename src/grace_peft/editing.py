@@ -50,6 +50,7 @@ from .inputs import (
     transformers_model,
 )
 from .model import grace_layers
+from .optimizers import LineSearch
 from .query import QUERY_POSITIONS_KWARG, label_query_positions
 
 if TYPE_CHECKING:
@@ -354,16 +355,16 @@ class GraceEditor:
 
     def _train(self, inputs: dict[str, torch.Tensor], values: dict[str, list[torch.Tensor]], variants: int = 1,
                replay: Replay | None = None) -> tuple[list[int], list[tuple[float, bool] | None]]:
-        """Train each edit's values (one Adam per edit, on the mean loss of that edit's ``variants`` consecutive rows)
-        until the edit is done or ``max_steps``. An edit that is done leaves the batch, so a batch never costs more
-        steps than its edits trained one at a time. Returns the steps each edit took and, for an edit that finished
+        """Train each edit's values (one optimizer per edit, on the mean loss of that edit's ``variants`` consecutive
+        rows) until the edit is done or ``max_steps``. An edit that is done leaves the batch, so a batch never costs
+        more steps than its edits trained one at a time. Returns the steps each edit took and, for an edit that finished
         by the early-stop rule, the loss and whether the target is predicted on its own prompt in the forward pass
         that found it done (with its final value; None for an edit stopped by ``max_steps``). ``replay`` already
         holds the frozen blocks' outputs for ``inputs`` (the probe's); else training records its own."""
         config = self.config
         edits = len(inputs["labels"]) // variants
-        optimizers = [torch.optim.Adam([values[name][edit] for name in values], lr=config.learning_rate)
-                      for edit in range(edits)]
+        optimizers = [self._optimizer([values[name][edit] for name in values]) for edit in range(edits)]
+        line_search = config.optimizer == "line_search"
         steps = [0] * edits
         outcomes: list[tuple[float, bool] | None] = [None] * edits
         active = list(range(edits))  # edits still training, in batch order
@@ -394,15 +395,19 @@ class GraceEditor:
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 loss = losses.sum()  # each value only gets its own edit's gradient
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                for edit, done in zip(active, finished, strict=True):
+                scaled = scaler is not None and not line_search  # a line search normalizes the gradient itself
+                (scaler.scale(loss) if scaled else loss).backward()
+                values_of_losses = losses.detach().tolist()
+                for position, (edit, done) in enumerate(zip(active, finished, strict=True)):
                     if not done:
-                        if scaler is None:
-                            optimizers[edit].step()
-                        else:
+                        if line_search:
+                            optimizers[edit].step(values_of_losses[position])
+                        elif scaled:
                             scaler.step(optimizers[edit])  # unscales; skips the step if the gradient overflowed
+                        else:
+                            optimizers[edit].step()
                         steps[edit] += 1
-                if scaler is not None:
+                if scaled:
                     scaler.update()
                 if any(finished):
                     kept = [position for position, done in enumerate(finished) if not done]
@@ -413,6 +418,11 @@ class GraceEditor:
                     replay.keep_rows(rows, len(finished) * variants)
                     batch, labels = self._training_inputs(inputs)
         return steps, outcomes
+
+    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer | LineSearch:
+        if self.config.optimizer == "line_search":
+            return LineSearch(params, self.config.line_search_step)
+        return torch.optim.Adam(params, lr=self.config.learning_rate)
 
     def _training_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The training forward's inputs and the labels its logits are scored against.
