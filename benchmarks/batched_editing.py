@@ -46,7 +46,7 @@ def key_settings(base, args: argparse.Namespace) -> dict:
     if args.model != "smollm2" or args.target_module:
         return {}
     settings = smollm2_settings(base)
-    return {name: settings[name] for name in ("key", "key_module", "eps_split", "learning_rate")}
+    return {name: settings[name] for name in ("key", "key_module", "eps_split", "optimizer")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from grace_peft.apps.base_models import (
     SMOLLM2_KEY_LAYER,
     SMOLLM2_KEY_SETTINGS,
     SMOLLM2_LAYER,
-    SMOLLM2_LEARNING_RATE,
+    SMOLLM2_OPTIMIZER,
     load_model,
     mlp_output_projection,
 )
@@ -44,7 +44,7 @@ from grace_peft.inputs import collate, encode_edit, input_device, pad_token_id
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {"zsre": DATA / "zsre_dev.json", "counterfact": DATA / "counterfact_dev.json"}
 DEFAULT_EDITS = 200
-REFERENCE = {"max_steps": 100, "learning_rate": 1.0, "early_stop": "never"}
+REFERENCE = {"max_steps": 100, "optimizer": "adam", "learning_rate": 1.0, "early_stop": "never"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,9 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="set eps_init (and the key center) by grace_peft.calibrate for false-hit rate P on the "
                              "model's own background text, instead of --eps-init")
     parser.add_argument("--no-center", action="store_true", help="with --calibrate: keep the key center at zero")
-    parser.add_argument("--optimizer", choices=("adam", "line_search"), help="GraceConfig.optimizer (default adam)")
-    parser.add_argument("--learning-rate", type=float, help="GraceConfig.learning_rate (default: "
-                        f"{SMOLLM2_LEARNING_RATE} for SmolLM2 at block {SMOLLM2_LAYER}, else the config's)")
+    parser.add_argument("--optimizer", choices=("adam", "line_search"), help="GraceConfig.optimizer (default: "
+                        f"{SMOLLM2_OPTIMIZER} for SmolLM2 at block {SMOLLM2_LAYER}, else the config's, adam)")
+    parser.add_argument("--learning-rate", type=float, help="GraceConfig.learning_rate (default: the config's)")
     parser.add_argument("--max-steps", type=int, default=100, help="cap on training steps per edit (default 100)")
     parser.add_argument("--protocol", default="teacher_forced", choices=[p.value for p in Protocol])
     parser.add_argument("--immediate", action="store_true",
@@ -96,8 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--calibrate takes a false-hit rate between 0 and 1 and sets the radius itself: not with a sweep")
     if args.eps_init is None:
         args.eps_init = SMOLLM2_EPS_INIT if uses_smollm2_keys(args) else 1.0
-    if args.learning_rate is None and args.model == "smollm2" and args.layer == SMOLLM2_LAYER:
-        args.learning_rate = SMOLLM2_LEARNING_RATE
+    if args.optimizer is None and args.model == "smollm2" and args.layer == SMOLLM2_LAYER:
+        args.optimizer = SMOLLM2_OPTIMIZER
     return args
 
 

@@ -18,11 +18,11 @@ from ..inputs import is_encoder_decoder
 SMOLLM2 = "smollm2"
 # Chosen by measurement on SmolLM2-135M (README: "Choosing the layer and the radius", "Edits that hold when the
 # question is reworded" and "Edit speed"): the value replaces block 27's MLP output; the key is the mean of block 3's
-# MLP projection input over the prompt (cosine), radius 0.85, SPLIT keeps radii; values train at Adam lr 10.
+# MLP projection input over the prompt (cosine), radius 0.85, SPLIT keeps radii; values train by the line search.
 SMOLLM2_LAYER = 27
 SMOLLM2_KEY_LAYER = 3
 SMOLLM2_EPS_INIT = 0.85
-SMOLLM2_LEARNING_RATE = 10.0
+SMOLLM2_OPTIMIZER = "line_search"
 SMOLLM2_KEY_SETTINGS = {"key": "prompt_mean", "eps_split": "keep"}
 
 # MLP output projection of block N, per model family, matched against the full module names.
@@ -71,7 +71,7 @@ def load_model(model: str, dtype: str | torch.dtype = "float32") -> tuple[nn.Mod
 def smollm2_settings(model: nn.Module, layer: int | None = None) -> dict[str, Any]:
     """The measured SmolLM2 settings as GraceConfig fields, for block ``layer`` (default 27) of ``model``."""
     return {"target_modules": [mlp_output_projection(model, layer)], "eps_init": SMOLLM2_EPS_INIT,
-            "learning_rate": SMOLLM2_LEARNING_RATE,
+            "optimizer": SMOLLM2_OPTIMIZER,
             "key_module": mlp_output_projection(model, SMOLLM2_KEY_LAYER), **SMOLLM2_KEY_SETTINGS}
 
 
