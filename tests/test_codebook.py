@@ -777,6 +777,7 @@ def filled(keys: torch.Tensor) -> Codebook:
     cb = make(eps=1.0, key_dim=keys.shape[1], value_dim=2)
     for j, key in enumerate(keys):
         cb._append(key, torch.zeros(2), 1.0, torch.tensor([j]), j)
+    cb.next_edit_id.fill_(len(keys))
     return cb
 
 
@@ -805,3 +806,21 @@ def test_large_codebook_search_keeps_nan_queries_missing():
     cb = filled(torch.randn(100, 8))
     queries = torch.stack([cb.keys[3], torch.full((8,), float("nan"))])
     assert cb.lookup(queries).tolist() == [3, -1]
+
+
+def test_large_codebook_search_follows_keys_changed_in_place_and_by_loading():
+    gen = torch.Generator().manual_seed(3)
+    cb = filled(torch.randn(100, 8, generator=gen))
+    queries = torch.randn(5, 8, generator=gen)
+
+    def exact(book):
+        return torch.cdist(queries, book.keys, compute_mode="donot_use_mm_for_euclid_dist").min(-1)
+
+    assert torch.equal(cb.nearest(queries)[1], exact(cb).values)  # the key norms are now kept
+    with torch.no_grad():
+        cb.keys[int(cb.nearest(queries)[0][0])] += 5.0  # moved in place (as a moving-average EXPAND does)
+    assert torch.equal(cb.nearest(queries)[0], exact(cb).indices)
+    other = filled(torch.randn(100, 8, generator=gen))
+    cb.load_state_dict(other.state_dict())
+    assert torch.equal(cb.nearest(queries)[0], exact(other).indices)
+    assert torch.equal(cb.nearest(queries)[1], exact(other).values)

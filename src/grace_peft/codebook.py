@@ -170,8 +170,8 @@ class Codebook(nn.Module):
         if len(self) <= EXACT_SEARCH_UP_TO or not torch.isfinite(queries).all():
             return _exact_nearest(queries, self.keys)
         query_norms = queries.pow(2).sum(-1, keepdim=True)
-        key_norms = self.keys.pow(2).sum(-1)
-        screened = query_norms - 2 * queries @ self.keys.T + key_norms
+        key_norms = self._squared_key_norms()
+        screened = torch.addmm(key_norms.unsqueeze(0), queries, self.keys.T, alpha=-2).add_(query_norms)
         # Rounding error of each screened squared distance: at most (d + 3) u (|q| + |k|)^2 for float32 sums of d
         # products (u = 2^-24); doubled for safety. A key whose screened value exceeds the best one by more than
         # twice that cannot be the nearest.
@@ -254,6 +254,14 @@ class Codebook(nn.Module):
         self.values[index] = value.detach().to(self.values.device, torch.float32).reshape(self.value_dim)
 
     # ----------------------------------------------------------------------------------------------- internals
+    def _squared_key_norms(self) -> torch.Tensor:
+        """``|k|^2`` of every key, kept until the keys change (a search then reads the keys once, not twice)."""
+        stamp = (self.keys.data_ptr(), self.keys._version, tuple(self.keys.shape), self.keys.device)
+        if self.__dict__.get("_norms_stamp") != stamp:
+            self.__dict__["_key_norms"] = torch.einsum("ij,ij->i", self.keys, self.keys)
+            self.__dict__["_norms_stamp"] = stamp
+        return self.__dict__["_key_norms"]
+
     def _as_queries(self, queries: torch.Tensor) -> torch.Tensor:
         queries = queries.detach().to(device=self.keys.device, dtype=torch.float32)
         if queries.dim() == 1:
