@@ -41,12 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def key_settings(base, args: argparse.Namespace) -> dict:
-    """SmolLM2's measured key and training settings when SmolLM2 is edited at its default layer; the paper's key
-    otherwise."""
+    """SmolLM2's measured training settings when SmolLM2 is edited at its default layer; else the config's."""
     if args.model != "smollm2" or args.target_module:
         return {}
-    settings = smollm2_settings(base)
-    return {name: settings[name] for name in ("key", "key_module", "eps_split", "optimizer")}
+    return {"optimizer": smollm2_settings(base)["optimizer"]}
 
 
 def main(argv: list[str] | None = None) -> int:

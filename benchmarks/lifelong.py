@@ -30,9 +30,9 @@ from grace_peft import GraceConfig, GraceEditor, apply_calibration, background_t
 from grace_peft.apps.base_models import (
     SMOLLM2_EPS_INIT,
     SMOLLM2_KEY_LAYER,
-    SMOLLM2_KEY_SETTINGS,
     SMOLLM2_LAYER,
     SMOLLM2_OPTIMIZER,
+    SMOLLM2_REWORDING_SETTINGS,
     load_model,
     mlp_output_projection,
 )
@@ -58,10 +58,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"block whose MLP down projection is edited (default {SMOLLM2_LAYER})")
     parser.add_argument("--target-module", help="explicit module name (overrides --layer)")
     parser.add_argument("--eps-init", type=float,
-                        help=f"initial radius (default: {SMOLLM2_EPS_INIT} with SmolLM2's key settings, else 1.0)")
+                        help=f"initial radius (default: SmolLM2's measured one at block {SMOLLM2_LAYER}, "
+                             f"{SMOLLM2_EPS_INIT}, or {SMOLLM2_REWORDING_SETTINGS['eps_init']} with --rewording; "
+                             "else 1.0)")
     parser.add_argument("--replacement", default="replace_last", help="replacement mode (default replace_last)")
-    parser.add_argument("--key", help="GraceConfig.key (default: SmolLM2's settings for --model smollm2, that is "
-                        f"{SMOLLM2_KEY_SETTINGS} with the key of block {SMOLLM2_KEY_LAYER}; else last_token)")
+    parser.add_argument("--rewording", action="store_true",
+                        help="SmolLM2's opt-in settings for edits that hold on rewordings: the prompt mean of block "
+                             f"{SMOLLM2_KEY_LAYER}'s MLP input as the key, {SMOLLM2_REWORDING_SETTINGS}")
+    parser.add_argument("--key", help="GraceConfig.key (default last_token)")
     parser.add_argument("--eps-split", help="GraceConfig.eps_split (default: as --key)")
     parser.add_argument("--key-layer", type=int,
                         help="make the key of this block's MLP down projection input (GraceConfig.key_module)")
@@ -94,9 +98,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.calibrate is not None and (args.sweep_layers or not 0 < args.calibrate < 1):
         parser.error("--calibrate takes a false-hit rate between 0 and 1 and sets the radius itself: not with a sweep")
+    if args.rewording and (args.model != "smollm2" or (args.key, args.key_layer, args.eps_split) != (None,) * 3):
+        parser.error("--rewording is SmolLM2's measured setting: use it with --model smollm2 and no key options")
+    smollm2_at_default = args.model == "smollm2" and args.layer == SMOLLM2_LAYER and not args.target_module
     if args.eps_init is None:
-        args.eps_init = SMOLLM2_EPS_INIT if uses_smollm2_keys(args) else 1.0
-    if args.optimizer is None and args.model == "smollm2" and args.layer == SMOLLM2_LAYER:
+        if smollm2_at_default and args.rewording:
+            args.eps_init = SMOLLM2_REWORDING_SETTINGS["eps_init"]
+        elif smollm2_at_default and (args.key, args.key_layer) == (None, None):
+            args.eps_init = SMOLLM2_EPS_INIT
+        else:
+            args.eps_init = 1.0
+    if args.optimizer is None and smollm2_at_default:
         args.optimizer = SMOLLM2_OPTIMIZER
     return args
 
@@ -172,14 +184,11 @@ def paraphrase_breakdown(editor: GraceEditor, records, batch_size: int) -> dict[
             "gen_value_forced": sum(forced_accuracy) / len(forced_accuracy) if forced_accuracy else None}
 
 
-def uses_smollm2_keys(args: argparse.Namespace) -> bool:
-    return args.model == "smollm2" and (args.key, args.key_layer, args.eps_split) == (None, None, None)
-
-
 def key_options(base, args: argparse.Namespace) -> dict:
-    """GraceConfig's key fields: SmolLM2's measured settings, or what the options name."""
-    if uses_smollm2_keys(args):
-        return {"key_module": mlp_output_projection(base, SMOLLM2_KEY_LAYER), **SMOLLM2_KEY_SETTINGS}
+    """GraceConfig's key fields: SmolLM2's rewording settings, or what the options name."""
+    if args.rewording:
+        return {"key_module": mlp_output_projection(base, SMOLLM2_KEY_LAYER),
+                **{name: value for name, value in SMOLLM2_REWORDING_SETTINGS.items() if name != "eps_init"}}
     options = {name: getattr(args, name) for name in ("key", "eps_split") if getattr(args, name) is not None}
     if args.key_layer is not None:
         options["key_module"] = mlp_output_projection(base, args.key_layer)
@@ -338,7 +347,7 @@ def settings(args, records) -> dict:
             "calibrate_false_hit_rate": args.calibrate,
             "calibrate_center": bool(args.calibrate) and not args.no_center,
             "calibrated_eps_init": getattr(args, "calibrated_eps_init", None),
-            "smollm2_key_settings": uses_smollm2_keys(args),
+            "rewording": args.rewording,
             "max_steps": args.max_steps, "protocol": args.protocol, "edit_batch_size": args.edit_batch_size,
             "torch_threads": torch.get_num_threads()}
 

