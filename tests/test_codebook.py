@@ -811,15 +811,21 @@ def test_large_codebook_search_keeps_nan_queries_missing():
 def test_large_codebook_search_follows_keys_changed_in_place_and_by_loading():
     gen = torch.Generator().manual_seed(3)
     cb = filled(torch.randn(100, 8, generator=gen))
+    cb.expand_rule = ExpandRule.MOVING_AVERAGE
     queries = torch.randn(5, 8, generator=gen)
 
     def exact(book):
         return torch.cdist(queries, book.keys, compute_mode="donot_use_mm_for_euclid_dist").min(-1)
 
-    assert torch.equal(cb.nearest(queries)[1], exact(cb).values)  # the key norms are now kept
-    with torch.no_grad():
-        cb.keys[int(cb.nearest(queries)[0][0])] += 5.0  # moved in place (as a moving-average EXPAND does)
+    nearest = int(cb.nearest(queries)[0][0])  # the key norms are now kept
+    label = cb.label(nearest).clone()
+    moved = cb.keys[nearest] + 0.6  # a same-label edit within reach (1.7 < 2): the key moves halfway, in place
+    result = cb.update(moved, label, edit_id=500, init_value=torch.zeros(2))
+    assert result.operation is CodebookOperation.EXPAND and result.index == nearest
+    queries = torch.cat([queries, cb.keys[nearest][None]])
+    assert cb.nearest(queries)[0][-1] == nearest and cb.nearest(queries)[1][-1] == 0
     assert torch.equal(cb.nearest(queries)[0], exact(cb).indices)
+    assert torch.equal(cb.nearest(queries)[1], exact(cb).values)
     other = filled(torch.randn(100, 8, generator=gen))
     cb.load_state_dict(other.state_dict())
     assert torch.equal(cb.nearest(queries)[0], exact(other).indices)

@@ -22,6 +22,7 @@ All distances are computed in float32, whatever the dtype of the queries.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 
@@ -255,12 +256,16 @@ class Codebook(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- internals
     def _squared_key_norms(self) -> torch.Tensor:
-        """``|k|^2`` of every key, kept until the keys change (a search then reads the keys once, not twice)."""
-        stamp = (self.keys.data_ptr(), self.keys._version, tuple(self.keys.shape), self.keys.device)
-        if self.__dict__.get("_norms_stamp") != stamp:
-            self.__dict__["_key_norms"] = torch.einsum("ij,ij->i", self.keys, self.keys)
-            self.__dict__["_norms_stamp"] = stamp
-        return self.__dict__["_key_norms"]
+        """``|k|^2`` of every key, kept until the keys change (a search then reads the keys once, not twice). A
+        new keys tensor (append, resize, move) is a new object; the two in-place writes forget the norms."""
+        cached = self.__dict__.get("_key_norms")
+        if cached is None or cached[0]() is not self.keys:
+            cached = (weakref.ref(self.keys), torch.einsum("ij,ij->i", self.keys, self.keys))
+            self.__dict__["_key_norms"] = cached
+        return cached[1]
+
+    def _forget_key_norms(self) -> None:
+        self.__dict__.pop("_key_norms", None)
 
     def _as_queries(self, queries: torch.Tensor) -> torch.Tensor:
         queries = queries.detach().to(device=self.keys.device, dtype=torch.float32)
@@ -294,6 +299,7 @@ class Codebook(nn.Module):
             self.radii[index] = radius + self.eps_init
         else:
             self.keys[index] = (self.keys[index] + query) / 2
+            self._forget_key_norms()
             self.radii[index] = max(radius, distance / 2)
 
     @torch.no_grad()
@@ -354,6 +360,7 @@ class Codebook(nn.Module):
                 self._resize_to(name, rows)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._forget_key_norms()  # the keys were copied in place
 
 
 def _exact_nearest(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,14 +2,17 @@
 
 :class:`GraceEditor` turns ``(prompt, target)`` pairs into edits of a GRACE-wrapped model:
 
-1. probe: a forward pass (no gradient) records, at every GRACE layer of the adapter, the query (the layer input at
-   the query token) and the layer's current output there; it also tells whether the target is already predicted;
+1. probe: a forward pass (no gradient) records, at every GRACE layer of the adapter, the query (the key of the
+   layer's input, or of its key module's) and the layer's current output at the query token; it also tells whether
+   the target is already predicted;
 2. update: each layer's codebook applies ADD / EXPAND / SPLIT / OVERWRITE with the edit's exact target token ids;
-3. train: only the value chosen by the update is trained, by Adam on the model's own loss with the target labelled,
-   until the target is predicted (or another early-stop rule) and at most ``max_steps`` steps; with
-   ``value_contexts``, on the edit prompt and on the prompt after each of that many model-written texts at once
-   (mean loss; done when every one of them predicts the target);
-4. verify: a normal inference pass (codebook lookup, no forcing) says whether the edit took.
+3. train: only the value chosen by the update is trained (``GraceConfig.optimizer``: Adam or the line search of
+   :mod:`grace_peft.optimizers`) on the model's own loss with the target labelled, until the target is predicted
+   (or another early-stop rule) and at most ``max_steps`` steps; the blocks below the edited layer are replayed
+   from the probe's forward; with ``value_contexts``, on the edit prompt and on the prompt after each of that many
+   model-written texts at once (mean loss; done when every one of them predicts the target);
+4. verify: whether the edit took as inference sees it. When the codebook retrieves the trained entry for the
+   edit's own query, the training forward that stopped is that check; otherwise a normal inference pass decides.
 
 An edit that raises (or is interrupted) leaves the codebooks exactly as they were before it. Several edits can go
 through these steps together (:meth:`GraceEditor.edit_many` with ``batch_size``), each row with its own value,
