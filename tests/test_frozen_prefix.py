@@ -74,7 +74,9 @@ def wrapped(kind: str, **overrides):
 
 
 def codebook_tensors(model) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in codebook_of(model).state_dict().items()}
+    """The codebook's entries (not its journal, which records when each edit ran and how long it took)."""
+    return {name: tensor.detach().clone() for name, tensor in codebook_of(model).state_dict().items()
+            if not name.startswith("journal_")}
 
 
 def inputs_for(tokenizer, prompt: str, seq2seq: bool = False) -> dict[str, torch.Tensor]:

@@ -192,6 +192,10 @@ def test_low_cpu_mem_usage_load_and_bf16_base_keep_fp32_codebook(tmp_path):
     assert batch_logits(again, tm).dtype == torch.bfloat16
 
 
+# the journal of two ADDs with one-token targets: two records, no changed values or keys, no text
+TWO_EDITS_JOURNAL = {"records": 2, "target_tokens": 2, "label_tokens_before": 0, "text": 0, "values": 0, "keys": 0}
+
+
 def test_saving_records_codebook_sizes_in_the_file_not_in_the_live_config(tmp_path):
     tm = TINY_MODELS["gpt2"]()
     model = near_edits(tm)
@@ -201,7 +205,8 @@ def test_saving_records_codebook_sizes_in_the_file_not_in_the_live_config(tmp_pa
     after = {key: value for key, value in config.to_dict().items() if key != "base_model_name_or_path"}
     assert after == before and config.codebook_sizes == {}
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["codebook_sizes"] == {"transformer.h.1.mlp.c_proj": {"size": 2, "label_size": 2}}
+    assert saved["codebook_sizes"] == {"transformer.h.1.mlp.c_proj": {"size": 2, "label_size": 2,
+                                                                      "journal": TWO_EDITS_JOURNAL}}
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
     assert torch.equal(batch_logits(again, tm), batch_logits(model, tm))
 
@@ -214,7 +219,8 @@ def test_peft_config_and_auto_peft_model_loading(tmp_path):
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     model.save_pretrained(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
-    assert config.codebook_sizes == {"model.layers.1.mlp.down_proj": {"size": 2, "label_size": 2}}
+    assert config.codebook_sizes == {"model.layers.1.mlp.down_proj": {"size": 2, "label_size": 2,
+                                                                     "journal": TWO_EDITS_JOURNAL}}
     auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
     assert torch.equal(batch_logits(auto.eval(), tm), batch_logits(model, tm))
 

@@ -13,15 +13,20 @@ from typing import Any
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from .codebook import saved_codebook_problem
+from .codebook import Codebook, CodebookContentError, CodebookShapeError, saved_codebook_problem
+from .inputs import Task
+from .journal import DEFAULT_LIMIT
 from .model import PEFT_WRAPPER_PREFIX
 from .registration import GRACE_PEFT_TYPE
-from .saving import config_saved_with_weights
+from .saving import CARD, SAVE_ID, config_saved_with_weights, save_as_one_unit
+
+_TASKS = {"CAUSAL_LM": Task.CAUSAL_LM, "SEQ_2_SEQ_LM": Task.SEQ2SEQ_LM, "SEQ_CLS": Task.SEQUENCE_CLASSIFICATION}
 
 _CODEBOOK_TENSOR = re.compile(
-    rf"^(?:{re.escape(PEFT_WRAPPER_PREFIX)})?(?P<module>.+)\.grace_codebook\.(?P<tensor>\w+)$")
+    rf"^(?P<prefix>(?:{re.escape(PEFT_WRAPPER_PREFIX)})?(?P<module>.+)\.grace_codebook\.)"
+    rf"(?P<tensor>\w+)$")
 _NEEDED_TENSORS = ("keys", "values", "radii", "edit_ids")
 
 
@@ -74,6 +79,59 @@ def read_codebooks(folder: str | os.PathLike) -> dict[str, dict[str, torch.Tenso
         if problem is not None:
             raise AdapterFileError(f"{weights}: the codebook of {module} is corrupt: {problem}")
     return tensors
+
+
+def saved_codebooks(folder: str | os.PathLike) -> dict[str, Codebook]:
+    """The saved codebooks of a GRACE adapter as live :class:`Codebook` objects (with their journals), per wrapped
+    module, built from the files alone: to list, take back or merge edits without loading a model."""
+    config = read_adapter_config(folder)
+    codebooks = {}
+    for module, parts in read_codebooks(folder).items():
+        codebook = Codebook(parts["keys"].shape[-1], parts["values"].shape[-1],
+                            eps_init=config.get("eps_init", 1.0), expand_rule=config.get("eps_expand", "coverage"),
+                            split_rule=config.get("eps_split", "halve"), key_center="key_center" in parts,
+                            journal_limit=config.get("journal_limit", DEFAULT_LIMIT))
+        try:
+            codebook.load_state_dict(parts)
+        except (CodebookShapeError, CodebookContentError, RuntimeError) as error:
+            raise AdapterFileError(f"{folder}: the codebook of {module} cannot be read: {error}") from None
+        codebooks[module] = codebook
+    return codebooks
+
+
+def write_adapter(source: str | os.PathLike, codebooks: dict[str, Codebook], output: str | os.PathLike,
+                  config_changes: dict[str, Any] | None = None) -> None:
+    """Save ``codebooks`` (by module name) as a GRACE adapter at ``output``: ``source``'s adapter with each
+    module's codebook replaced, its config updated (recorded codebook sizes, ``config_changes``) and the GRACE
+    model card, written as one unit (:func:`grace_peft.saving.save_as_one_unit`). ``output`` may be ``source``."""
+    from .config import GraceConfig
+    from .hub import card_for
+
+    config = read_adapter_config(source)
+    weights = load_file(Path(source) / SAFETENSORS_WEIGHTS_NAME)
+    prefixes = {match["module"]: match["prefix"] for key in weights if (match := _CODEBOOK_TENSOR.match(key))}
+    missing = sorted(set(codebooks) - set(prefixes))
+    if missing:
+        raise AdapterFileError(f"{source} has no codebook for {', '.join(missing)}")
+    kept = {key: tensor for key, tensor in weights.items()
+            if not ((match := _CODEBOOK_TENSOR.match(key)) and match["module"] in codebooks)}
+    for module, codebook in codebooks.items():
+        kept.update({prefixes[module] + name: tensor.detach().contiguous().cpu()
+                     for name, tensor in codebook.state_dict().items()})
+    config = {**config, **(config_changes or {})}
+    config["codebook_sizes"] = {**config.get("codebook_sizes", {}),
+                                **{module: codebook.shape_record() for module, codebook in codebooks.items()}}
+    config.pop(SAVE_ID, None)
+    grace_config = GraceConfig.from_peft_type(**config)
+
+    def write(folder: str) -> None:
+        save_file(kept, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as file:
+            json.dump(config, file, indent=2, sort_keys=True)
+        with open(os.path.join(folder, CARD), "w", encoding="utf-8") as file:
+            file.write(card_for(grace_config, codebooks, _TASKS.get(config.get("task_type"))))
+
+    save_as_one_unit(output, write)
 
 
 def summarize_adapter(folder: str | os.PathLike) -> dict[str, Any]:

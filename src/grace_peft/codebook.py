@@ -23,17 +23,22 @@ All distances are computed in float32, whatever the dtype of the queries.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import nn
+
+from .journal import DEFAULT_LIMIT, NONE, EditJournal, JournalRecord, prepare_journal_load, saved_journal_problem
+from .journal import PREFIX as JOURNAL_PREFIX
 
 EXACT_SEARCH_UP_TO = 64  # keys: below this, measuring every key exactly is as fast as screening
 MAX_EXACT_CANDIDATES = 256  # keys per query the screen may leave to measure exactly before it is skipped
 
 __all__ = ["Codebook", "CodebookContentError", "CodebookOperation", "CodebookShapeError", "CodebookUpdate",
-           "ExpandRule", "SplitRule"]
+           "ExpandRule", "Removal", "SplitRule"]
 
 
 class CodebookOperation(str, Enum):
@@ -82,6 +87,32 @@ class CodebookUpdate:
     distance: float | None
 
 
+@dataclass
+class Removal:
+    """What taking an edit back (:meth:`Codebook.remove_edit`) did: ``restored`` lists what went back to its state
+    before the edit, ``not_restored`` what could not (a later edit changed it since), one sentence each."""
+
+    edit_id: int
+    restored: list[str] = field(default_factory=list)
+    not_restored: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether everything the edit created or changed is as before it."""
+        return not self.not_restored
+
+    def extend(self, other: Removal, prefix: str = "") -> None:
+        """Add ``other``'s sentences (of another codebook), each after ``prefix``."""
+        self.restored += [prefix + line for line in other.restored]
+        self.not_restored += [prefix + line for line in other.not_restored]
+
+    def summary(self) -> str:
+        lines = [f"Edit {self.edit_id} taken back" + ("." if self.complete else ", in part:")]
+        lines += [f"  restored: {line}" for line in self.restored]
+        lines += [f"  NOT restored: {line}" for line in self.not_restored]
+        return "\n".join(lines)
+
+
 _FLOAT_TENSORS = ("keys", "values", "radii", "key_center")
 _INT_TENSORS = ("label_tokens", "label_lengths", "edit_ids")
 _ROW_TENSORS = ("keys", "values", "radii", *_INT_TENSORS)  # one row per entry (label_tokens: per label token)
@@ -93,9 +124,11 @@ class Codebook(nn.Module):
     ``values`` is the only parameter; everything else is a persistent buffer. All floating tensors are float32.
     Labels are stored ragged: ``label_tokens`` holds the token ids of all labels back to back and
     ``label_lengths`` says how many belong to each entry. ``next_edit_id`` is the first id not yet used.
-    ``size`` and ``label_size`` pre-allocate a codebook that is about to load a saved one. With
+    ``size``, ``label_size`` and ``journal`` pre-allocate a codebook that is about to load a saved one. With
     ``key_center=True`` it also holds ``key_center``, a vector that key functions subtract from pooled inputs
-    (see :mod:`grace_peft.keys`), zero until calibrated.
+    (see :mod:`grace_peft.keys`), zero until calibrated. ``journal`` (an :class:`~grace_peft.journal.EditJournal`
+    of at most ``journal_limit`` records) records what every edit did, so that one can be taken back
+    (:meth:`remove_edit`).
     """
 
     keys: torch.Tensor
@@ -117,6 +150,8 @@ class Codebook(nn.Module):
         key_center: bool = False,
         size: int = 0,
         label_size: int | None = None,
+        journal: Mapping[str, int] | None = None,
+        journal_limit: int = DEFAULT_LIMIT,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -137,13 +172,14 @@ class Codebook(nn.Module):
         self.register_buffer("edit_ids", torch.zeros(size, **i64))
         self.register_buffer("next_edit_id", torch.zeros((), **i64))
         self.register_buffer("key_center", torch.zeros(key_dim, **f32) if key_center else None)
+        self.journal = EditJournal(self, key_dim, value_dim, limit=journal_limit, shape=journal, device=device)
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
     def shape_record(self) -> dict[str, int]:
         """The sizes a fresh codebook needs to load this one's state dict (``Codebook(..., **shape_record)``)."""
-        return {"size": len(self), "label_size": self.label_tokens.shape[0]}
+        return {"size": len(self), "label_size": self.label_tokens.shape[0], "journal": self.journal.shape_record()}
 
     def extra_repr(self) -> str:
         return (
@@ -207,42 +243,62 @@ class Codebook(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- update
     def update(
-        self, query: torch.Tensor, label: torch.Tensor, *, edit_id: int, init_value: torch.Tensor
+        self, query: torch.Tensor, label: torch.Tensor, *, edit_id: int, init_value: torch.Tensor,
+        radius: float | None = None, text: dict[str, Any] | None = None,
     ) -> CodebookUpdate:
         """Apply one edit (``query`` of shape ``(key_dim,)``, ``label`` token ids) and say what happened.
 
         ``init_value`` is the value a new entry starts from (ignored by EXPAND, which keeps training the value it
         already has). The caller trains the value at ``CodebookUpdate.index`` afterwards (:meth:`set_value`).
+        ``radius`` is the edit's own ball (default ``eps_init``): what a new entry gets and what decides whether
+        the edit reaches an existing key (a merge replays entries with the radii they had). The journal records
+        the update, with ``text`` (the edit's prompt and target, when the user keeps them).
         """
         query = self._as_queries(query).squeeze(0)
         if not torch.isfinite(query).all():
             raise ValueError("The query activation contains NaN or inf; the model's forward pass is broken here.")
         label = self._as_label(label)
         init_value = init_value.detach().to(device=self.keys.device, dtype=torch.float32).reshape(self.value_dim)
+        radius = self.eps_init if radius is None else float(radius)
         self.next_edit_id.fill_(max(int(self.next_edit_id), edit_id + 1))
+        record = JournalRecord(edit_id, CodebookOperation.ADD.value, -1, label, text=text)
 
         if len(self) == 0:
-            return CodebookUpdate(CodebookOperation.ADD, self._append(query, init_value, self.eps_init, label, edit_id),
-                                  None, None)
+            record.entry = self._append(query, init_value, radius, label, edit_id)
+            return self._recorded(record)
         index, distance = self.nearest(query.unsqueeze(0))
         i, d = int(index), float(distance)
-        if not self.reaches(i, d):
-            new = self._append(query, init_value, self.eps_init, label, edit_id)
-            return CodebookUpdate(CodebookOperation.ADD, new, i, d)
+        record.nearest, record.distance = i, d
+        if not d <= radius + float(self.radii[i]):
+            record.entry = self._append(query, init_value, radius, label, edit_id)
+            return self._recorded(record)
+        record.changed, record.radius_before = i, float(self.radii[i])
         if torch.equal(self.label(i), label):
+            record.operation, record.entry = CodebookOperation.EXPAND.value, i
+            record.value_before = self.values[i].detach().clone()
+            if self.expand_rule is ExpandRule.MOVING_AVERAGE:
+                record.key_before = self.keys[i].clone()
             self._expand(i, query, d)
-            return CodebookUpdate(CodebookOperation.EXPAND, i, i, d)
-        if d == 0.0:
+            if self.expand_rule is ExpandRule.MOVING_AVERAGE:
+                record.key_after = self.keys[i].clone()
+        elif d == 0.0:
+            record.operation, record.entry = CodebookOperation.OVERWRITE.value, i
+            record.value_before, record.label_before = self.values[i].detach().clone(), self.label(i).clone()
+            record.edit_id_before, record.value_after = int(self.edit_ids[i]), init_value
             self._set_label(i, label)
             self.edit_ids[i] = edit_id
-            self.set_value(i, init_value)
-            return CodebookUpdate(CodebookOperation.OVERWRITE, i, i, d)
-        if self.split_rule is SplitRule.KEEP:
-            new = self._append(query, init_value, self.eps_init, label, edit_id)
+            self.values.data[i] = init_value  # not set_value: this edit's record is not in the journal yet
         else:
-            self.radii[i] = min(float(self.radii[i]), d / 2)
-            new = self._append(query, init_value, d / 2, label, edit_id)
-        return CodebookUpdate(CodebookOperation.SPLIT, new, i, d)
+            record.operation = CodebookOperation.SPLIT.value
+            if self.split_rule is SplitRule.KEEP:
+                record.changed, record.radius_before = -1, NONE
+                record.entry = self._append(query, init_value, radius, label, edit_id)
+            else:
+                self.radii[i] = min(float(self.radii[i]), d / 2)
+                record.entry = self._append(query, init_value, d / 2, label, edit_id)
+        if record.changed >= 0:
+            record.radius_after = float(self.radii[i])
+        return self._recorded(record)
 
     def reaches(self, index: int, distance: float) -> bool:
         """Whether an edit whose query lies at ``distance`` from key ``index`` interacts with that entry (EXPAND,
@@ -253,8 +309,115 @@ class Codebook(nn.Module):
     def set_value(self, index: int, value: torch.Tensor) -> None:
         """Store a (trained) value for entry ``index``."""
         self.values[index] = value.detach().to(self.values.device, torch.float32).reshape(self.value_dim)
+        self.journal.note_value(index, self.values[index])
+
+    def neighbours(self, query: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``count`` keys nearest to one query (fewer when the codebook is smaller): ``(indices, distances)``,
+        nearest first, by the exact distance (ties to the lower index)."""
+        query = self._as_queries(query)[:1]
+        if len(self) == 0 or count < 1:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        distances = torch.cdist(query, self.keys, compute_mode="donot_use_mm_for_euclid_dist")[0]
+        order = sorted(range(len(self)), key=lambda index: (float(distances[index]), index))[:count]
+        indices = torch.tensor(order, dtype=torch.int64)
+        return indices, distances[indices.to(distances.device)].cpu()
+
+    @torch.no_grad()
+    def remove_edit(self, edit_id: int) -> Removal:
+        """Take edit ``edit_id`` back from its journal record: the entry it created leaves the codebook, and every
+        part of an entry it changed (radius, key, value, label) goes back to its state before the edit, unless a
+        later edit changed that part since (then it stays, and the :class:`Removal` says so). When no later edit
+        touched those entries or found one of them nearest (so none was placed by them), the codebook equals that of
+        the same edits without this one (ids are never reused: ``next_edit_id`` stays). Raises ``KeyError`` when
+        the journal holds no record of the edit."""
+        positions = self.journal.positions_of(edit_id)
+        if not positions:
+            raise KeyError(edit_id)
+        records = self.journal.records()
+        removal = Removal(edit_id)
+        doomed: list[int] = []
+        for position in positions:
+            record, later = records[position], records[position + 1:]
+            if record.changed >= 0:
+                self._restore_changed(record, later, removal)
+            if record.created:
+                self._remove_created(record, later, removal, doomed)
+        self.journal.write([record for position, record in enumerate(records) if position not in positions])
+        for index in sorted(doomed, reverse=True):
+            self._delete(index)
+        return removal
 
     # ----------------------------------------------------------------------------------------------- internals
+    def _recorded(self, record: JournalRecord) -> CodebookUpdate:
+        self.journal.append(record)
+        nearest = None if record.nearest < 0 else record.nearest
+        distance = None if nearest is None else record.distance
+        return CodebookUpdate(CodebookOperation(record.operation), record.entry, nearest, distance)
+
+    def _restore_changed(self, record: JournalRecord, later: list[JournalRecord], removal: Removal) -> None:
+        index = record.changed
+        changers = ", ".join(str(other.edit_id) for other in later if other.touches(index)) or "none"
+        kept = f"entry {index}'s {{}} stays as later edit(s) {changers} left it"
+        if record.radius_before != record.radius_after:
+            if self.radii[index] == record.radius_after:
+                self.radii[index] = record.radius_before
+                removal.restored.append(f"entry {index}'s radius is back to {record.radius_before:.6g}")
+            else:
+                removal.not_restored.append(kept.format("radius"))
+        if record.key_before is not None:
+            if torch.equal(self.keys[index], record.key_after):
+                self.keys[index] = record.key_before
+                self._forget_key_norms()
+                removal.restored.append(f"entry {index}'s key is back where it was")
+            else:
+                removal.not_restored.append(kept.format("key"))
+        if record.label_before is not None:
+            if torch.equal(self.label(index), record.target) and int(self.edit_ids[index]) == record.edit_id:
+                self._set_label(index, record.label_before)
+                self.edit_ids[index] = record.edit_id_before
+                removal.restored.append(f"entry {index}'s label and edit id are back to edit {record.edit_id_before}")
+            else:
+                removal.not_restored.append(kept.format("label"))
+        if record.value_before is not None:
+            if torch.equal(self.values[index], record.value_after):
+                self.values.data[index] = record.value_before
+                removal.restored.append(f"entry {index}'s value is back to its state before the edit")
+            else:
+                removal.not_restored.append(kept.format("value"))
+
+    def _remove_created(self, record: JournalRecord, later: list[JournalRecord], removal: Removal,
+                        doomed: list[int]) -> None:
+        index = record.entry
+        if index < 0:
+            removal.restored.append("the entry it created had already left the codebook")
+            return
+        takeover = next((other for other in later if other.operation == "overwrite" and other.entry == index), None)
+        if takeover is not None:
+            removal.not_restored.append(f"entry {index}, which it created, now belongs to edit {takeover.edit_id} "
+                                        "(an identical key with another target): left in place")
+            return
+        doomed.append(index)
+        removal.restored.append(f"entry {index}, which it created, is removed")
+        for other in later:
+            if other.operation == "expand" and other.entry == index:
+                removal.not_restored.append(
+                    f"edit {other.edit_id} had grown entry {index} (same target) and loses it too: apply it again")
+            elif other.operation == "split" and other.changed == index:
+                removal.not_restored.append(
+                    f"edit {other.edit_id}'s entry keeps the radius its split with entry {index} gave it")
+
+    @torch.no_grad()
+    def _delete(self, index: int) -> None:
+        start, end = self._label_span(index)
+        keep = torch.arange(len(self), device=self.keys.device) != index
+        self.keys = self.keys[keep]
+        self.values = nn.Parameter(self.values.detach()[keep], requires_grad=self.values.requires_grad)
+        self.radii = self.radii[keep]
+        self.label_tokens = torch.cat([self.label_tokens[:start], self.label_tokens[end:]])
+        self.label_lengths = self.label_lengths[keep]
+        self.edit_ids = self.edit_ids[keep]
+        self.journal.entry_removed(index)
+
     def _squared_key_norms(self) -> torch.Tensor:
         """``|k|^2`` of every key, kept until the keys change (a search then reads the keys once, not twice). A
         new keys tensor (append, resize, move) is a new object; the two in-place writes forget the norms."""
@@ -347,11 +510,15 @@ class Codebook(nn.Module):
                     "a model with other layer shapes; load it onto the base model it was made for.")
             present.append("key_center")
         saved = {name: state_dict[prefix + name] for name in (*present, "next_edit_id") if prefix + name in state_dict}
+        saved.update({key.removeprefix(prefix): tensor for key, tensor in state_dict.items()
+                      if key.startswith(prefix + JOURNAL_PREFIX)})
         problem = saved_codebook_problem(saved)
         if problem is not None:
             raise corrupt_codebook_error(module, problem)
         for name, tensor in saved.items():  # a loader that assigns tensors (low_cpu_mem_usage) keeps saved dtypes
-            state_dict[prefix + name] = tensor.to(torch.float32 if name in _FLOAT_TENSORS else torch.int64)
+            if not name.startswith(JOURNAL_PREFIX):  # converted below
+                state_dict[prefix + name] = tensor.to(torch.float32 if name in _FLOAT_TENSORS else torch.int64)
+        prepare_journal_load(self.journal, state_dict, prefix)
         for name in present:
             if name == "key_center":
                 continue
@@ -380,7 +547,19 @@ def corrupt_codebook_error(module: str, problem: str) -> CodebookContentError:
 
 def saved_codebook_problem(saved: dict[str, torch.Tensor]) -> str | None:
     """What is wrong with the tensors of a saved codebook (``keys``, ``radii``, ... by name; ``None`` when nothing
-    is). Checked before a codebook loads them, and by :mod:`grace_peft.adapter_files`."""
+    is). Checked before a codebook loads them, and by :mod:`grace_peft.adapter_files`. Tensors named
+    ``journal_*`` are the codebook's journal's (:func:`grace_peft.journal.saved_journal_problem`)."""
+    journal = {name.removeprefix(JOURNAL_PREFIX): tensor for name, tensor in saved.items()
+               if name.startswith(JOURNAL_PREFIX)}
+    saved = {name: tensor for name, tensor in saved.items() if not name.startswith(JOURNAL_PREFIX)}
+    problem = _codebook_tensors_problem(saved)
+    if problem is not None or not journal:
+        return problem
+    widths = {name: saved[name].shape[-1] for name in ("keys", "values") if name in saved and saved[name].dim() == 2}
+    return saved_journal_problem(journal, widths.get("keys"), widths.get("values"))
+
+
+def _codebook_tensors_problem(saved: dict[str, torch.Tensor]) -> str | None:
     for name, tensor in saved.items():
         floating = name in _FLOAT_TENSORS
         if floating and not tensor.is_floating_point():

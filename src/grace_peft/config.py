@@ -74,6 +74,12 @@ class GraceConfig(PeftConfig):
         stop_loss: Loss threshold for ``early_stop="loss"``.
         skip_if_correct: Skip edits whose target the model already predicts ("edit only on error", as the authors).
         seed: Seed of the random values drawn by ``value_init="cold"``.
+        journal_limit: How many edit records each codebook's journal keeps (see :mod:`grace_peft.journal`): what
+            every edit did, so that it can be listed, traced and taken back (``GraceEditor.remove``). When full, the
+            oldest tenth is dropped; those edits stay in the codebook but can no longer be undone.
+        journal_text: Also keep each edit's prompt and target text in the journal, and so in the saved adapter and
+            anything pushed to the Hub (off by default, like ``push_edits(include_edits=...)``: without it the
+            journal holds the target's token ids, as the codebook's labels already do, but no text).
         codebook_sizes: Written on save (the live config is left as it is): per wrapped module, the codebook's
             entries (``size``) and label token count (``label_size``), so that a fresh model can allocate the saved
             shapes before loading (transformers' ``load_adapter`` compares shapes first). Not meant to be set by
@@ -121,6 +127,12 @@ class GraceConfig(PeftConfig):
     stop_loss: float = field(default=1e-2, metadata={"help": "Loss threshold for early_stop='loss'."})
     skip_if_correct: bool = field(default=False, metadata={"help": "Skip edits the model already gets right."})
     seed: int = field(default=0, metadata={"help": "Seed for value_init='cold'."})
+    journal_limit: int = field(
+        default=100_000, metadata={"help": "Edit records each codebook's journal keeps (the oldest tenth goes first)."}
+    )
+    journal_text: bool = field(
+        default=False, metadata={"help": "Keep each edit's prompt and target text in the journal (saved with it)."}
+    )
     codebook_sizes: dict[str, dict[str, int]] = field(
         default_factory=dict, metadata={"help": "Codebook shapes per wrapped module, recorded on save."}
     )
@@ -153,10 +165,9 @@ class GraceConfig(PeftConfig):
             raise ValueError(f"GraceConfig.value_contexts must be a whole number >= 0, got {self.value_contexts!r}.")
         if int(self.max_steps) != self.max_steps or self.max_steps < 1:
             raise ValueError(f"GraceConfig.max_steps must be a positive integer, got {self.max_steps!r}.")
-        self.codebook_sizes = {
-            str(name): {"size": int(shape["size"]), "label_size": int(shape["label_size"])}
-            for name, shape in (self.codebook_sizes or {}).items()
-        }
+        if int(self.journal_limit) != self.journal_limit or self.journal_limit < 1:
+            raise ValueError(f"GraceConfig.journal_limit must be a positive integer, got {self.journal_limit!r}.")
+        self.codebook_sizes = {str(name): _codebook_shape(shape) for name, shape in (self.codebook_sizes or {}).items()}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
@@ -184,6 +195,14 @@ class GraceConfig(PeftConfig):
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".grace-config-") as staging:
             PeftConfig.save_pretrained(written, staging, **kwargs)
             os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
+
+
+def _codebook_shape(shape: dict) -> dict:
+    """A recorded codebook shape with plain ints (``journal``: the journal's sizes, absent before journals)."""
+    normal = {"size": int(shape["size"]), "label_size": int(shape["label_size"])}
+    if isinstance(shape.get("journal"), dict):
+        normal["journal"] = {str(name): int(size) for name, size in shape["journal"].items()}
+    return normal
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .background import background_texts
-from .codebook import CodebookOperation
+from .codebook import CodebookOperation, Removal
 from .config import GraceConfig
 from .frozen_prefix import Replay, blocks_below, replay_frozen_blocks
 from .inputs import (
@@ -52,6 +52,7 @@ from .inputs import (
     target_predicted,
     transformers_model,
 )
+from .inspection import HistoryEdit, Trace, edit_history, explain
 from .model import grace_layers
 from .optimizers import LineSearch
 from .query import QUERY_POSITIONS_KWARG, label_query_positions
@@ -213,6 +214,37 @@ class GraceEditor:
                              f"most {limit}: shorten it.")
         return encoded
 
+    def explain(self, prompt: str, *, neighbours: int = 3) -> Trace:
+        """Why the model answers ``prompt`` as it does: per wrapped module, the ``neighbours`` nearest codebook
+        entries (edit id, distance, radius, target) and the one that fired, if any (see
+        :func:`grace_peft.inspection.explain`)."""
+        return explain(self.model, self.tokenizer, prompt, adapter_name=self.adapter_name, task=self.task,
+                       chat=self.chat, neighbours=neighbours)
+
+    def history(self) -> list[HistoryEdit]:
+        """The edits this adapter's journal holds, oldest first (id, operations, entries, radii, target; the text
+        when ``GraceConfig.journal_text`` kept it)."""
+        codebooks = {name: layer.grace_codebook[self.adapter_name] for name, layer in self.layers.items()}
+        return edit_history(codebooks, None if self.task is Task.SEQUENCE_CLASSIFICATION else self.tokenizer)
+
+    def remove(self, edit_id: int) -> Removal:
+        """Take edit ``edit_id`` back: every codebook goes back to its state before that edit for everything the edit
+        created or changed, except what a later edit changed since (the :class:`~grace_peft.codebook.Removal` lists
+        what was restored and what was not). When no later edit touched the same entries, the codebooks equal those
+        of the same edits without this one. Raises ``ValueError`` for an id the journal does not hold."""
+        removal = Removal(edit_id)
+        held = [(name, codebook) for name, codebook in zip(self.layers, self._codebooks(), strict=True)
+                if codebook.journal.positions_of(edit_id)]
+        if not held:
+            known = sorted({edit.edit_id for edit in self.history()})
+            shown = ", ".join(map(str, known[-10:])) or "none"
+            raise ValueError(f"Edit {edit_id} is not in this adapter's journal (its latest edit ids: {shown}). It was "
+                             "never made, was taken back already, or is older than GraceConfig.journal_limit keeps.")
+        with _codebooks_restored_on_error([codebook for _, codebook in held]):
+            for name, codebook in held:
+                removal.extend(codebook.remove_edit(edit_id), prefix=f"{name}: " if len(self.layers) > 1 else "")
+        return removal
+
     def num_keys(self) -> int:
         """Codebook entries of the edited adapter, over all wrapped modules."""
         return sum(len(layer.grace_codebook[self.adapter_name]) for layer in self.layers.values())
@@ -245,7 +277,7 @@ class GraceEditor:
                     inputs = self._batch([item.inputs for item in encoded])
                     probes, predicted = self._probe(inputs)
                 with clock("update"):
-                    plans = self._update_codebooks(encoded, probes, predicted)
+                    plans = self._update_codebooks(encoded, edits, probes, predicted)
                 trained = [row for row, plan in enumerate(plans) if plan is not None]
                 steps = [0] * len(plans)
                 if trained:
@@ -270,6 +302,10 @@ class GraceEditor:
                                                        [{name: probes[name][0][row] for name in self.layers}
                                                         for row in trained], outcomes)
             seconds = (time.perf_counter() - started) / len(plans)
+            for position, row in enumerate(trained):
+                for codebook in self._codebooks():
+                    codebook.journal.set_outcome(plans[row].edit_id, steps=steps[row], success=successes[position],
+                                                 seconds=seconds, loss=losses[position])
         phases = {phase: elapsed / len(plans) for phase, elapsed in clock.seconds.items()}
         reports = []
         for row, (plan, edit) in enumerate(zip(plans, edits, strict=False)):
@@ -283,7 +319,8 @@ class GraceEditor:
                                       success=successes[position], seconds=seconds, phase_seconds=phases))
         return reports
 
-    def _update_codebooks(self, encoded: list[EncodedEdit], probes, predicted: list[bool]) -> list[_RowPlan | None]:
+    def _update_codebooks(self, encoded: list[EncodedEdit], edits: list[Edit], probes,
+                          predicted: list[bool]) -> list[_RowPlan | None]:
         """Update the codebooks row by row, in order; per row, its plan, or None when skipped (already correct).
 
         Stops before the first row whose query reaches an entry that an earlier row of this batch created or
@@ -298,11 +335,12 @@ class GraceEditor:
                 continue
             edit_id = max(int(codebook.next_edit_id) for codebook in self._codebooks())
             plan = _RowPlan(edit_id, {}, {})
+            text = {"prompt": edits[row].prompt, "target": edits[row].target} if self.config.journal_text else None
             for name, layer in self.layers.items():
                 query, current = probes[name]
                 codebook = layer.grace_codebook[self.adapter_name]
                 update = codebook.update(query[row], item.label_ids, edit_id=edit_id,
-                                         init_value=self._initial_value(current[row], edit_id, name))
+                                         init_value=self._initial_value(current[row], edit_id, name), text=text)
                 touched[name].add(update.index)
                 if update.operation is CodebookOperation.SPLIT:
                     touched[name].add(update.nearest)

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from huggingface_hub import CommitInfo, HfApi, ModelCardData
@@ -29,7 +29,7 @@ from .inputs import Task, detect_task
 from .model import grace_layers
 from .registration import GRACE_PEFT_TYPE
 
-__all__ = ["EDITS_FILE", "model_card", "push_edits"]
+__all__ = ["EDITS_FILE", "card_for", "model_card", "push_edits"]
 
 EDITS_FILE = "edits.jsonl"
 CARD_TAGS = ("grace", "model-editing", "peft")
@@ -37,6 +37,8 @@ PAPER = "https://arxiv.org/abs/2211.11031"
 _PIPELINE_TAGS = {Task.CAUSAL_LM: "text-generation", Task.SEQUENCE_CLASSIFICATION: "text-classification"}
 _AUTO_CLASSES = {Task.CAUSAL_LM: "AutoModelForCausalLM", Task.SEQ2SEQ_LM: "AutoModelForSeq2SeqLM",
                  Task.SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification"}
+CARD_MARKER = ("<!-- Written by grace_peft on every save_pretrained / push_to_hub. Delete this line to keep your "
+               "own edits of this card. -->")
 _HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -53,13 +55,23 @@ def model_card(model: PeftModel, adapter_name: str = "default", *, include_edits
     when the base was loaded from a local folder); a name that is not a Hub model id is left out of the metadata.
     """
     config = _grace_config(model, adapter_name)
-    codebooks = _codebooks(model, adapter_name)
+    base = base_model or config.base_model_name_or_path or getattr(model.get_base_model(), "name_or_path", None)
+    return card_for(config, _codebooks(model, adapter_name), _task(model), adapter_name=adapter_name,
+                    include_edits=include_edits, edits=edits, repo_id=repo_id, revision=revision, base_model=base,
+                    tags=tags)
+
+
+def card_for(config, codebooks: Mapping[str, Codebook], task: Task | None, *, adapter_name: str = "default",
+             include_edits: bool = False, edits: Iterable[Any] | None = None, repo_id: str | None = None,
+             revision: str | None = None, base_model: str | None = None, tags: Sequence[str] = ()) -> str:
+    """:func:`model_card` from an adapter's config and codebooks (by module name) alone, without a model (for
+    adapters written from their files, such as ``grace-peft remove`` and ``merge``)."""
     rows = _edit_rows(edits) if include_edits else []
-    base = base_model or config.base_model_name_or_path or getattr(model.get_base_model(), "name_or_path", None) or None
+    base = base_model or config.base_model_name_or_path or None
     hub_base = base if base and _HUB_MODEL_ID.match(base) and not os.path.exists(base) else None
-    task = _task(model)
     keys = sum(len(codebook) for codebook in codebooks.values())
     edits_seen = max((int(codebook.next_edit_id) for codebook in codebooks.values()), default=0)
+    journaled = len(set().union(*(codebook.journal.edit_ids() for codebook in codebooks.values())))
 
     card_tags = list(dict.fromkeys([*CARD_TAGS, *tags, *([f"base_model:adapter:{hub_base}"] if hub_base else [])]))
     metadata = ModelCardData(library_name="peft", base_model=hub_base, tags=card_tags,
@@ -80,7 +92,11 @@ def model_card(model: PeftModel, adapter_name: str = "default", *, include_edits
         "## Settings", "",
         f"- `eps_init` (radius of a new key): {config.eps_init}",
         f"- `replacement` (output positions a retrieved value replaces): `{config.replacement}`",
-        f"- `eps_expand` (how a radius grows on a same-label edit): `{config.eps_expand}`", "",
+        f"- `eps_expand` (how a radius grows on a same-label edit): `{config.eps_expand}`",
+        f"- `eps_split` (radii when an edit lands near a key with another label): `{config.eps_split}`",
+        f"- `key` (what the codebook searches): `{config.key}`"
+        + (f", made of the input of `{config.key_module}`" if config.key_module else ""),
+        f"- `optimizer` (how a value is trained): `{config.optimizer}`", "",
         "## Usage", "",
         "```python",
         "import grace_peft  # registers GRACE with peft: needed before PeftModel.from_pretrained",
@@ -92,9 +108,18 @@ def model_card(model: PeftModel, adapter_name: str = "default", *, include_edits
         "The loaded model reproduces the edited one bit for bit. Once downloaded, it also loads offline "
         "(`HF_HUB_OFFLINE=1`) from the Hugging Face cache.", "",
         "## Edits", "",
+        f"The adapter's journal records {journaled} of the edits it holds (operation, entries, target tokens, "
+        "outcome: `grace-peft list` shows them, `grace-peft remove` takes one back).", "",
         *(_edits_section(rows) if include_edits else _private_edits_section()),
+        "", CARD_MARKER,
     ]
     return "\n".join(lines) + "\n"
+
+
+def is_replaceable_card(text: str) -> bool:
+    """Whether a README found in an adapter folder may be replaced by our card on save: ours (it carries
+    :data:`CARD_MARKER`) or peft's generic template; a card the user wrote stays."""
+    return CARD_MARKER in text or "[More Information Needed]" in text
 
 
 def push_edits(model: PeftModel, repo_id: str, *, adapter_name: str = "default", include_edits: bool = False,

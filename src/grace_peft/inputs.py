@@ -128,17 +128,33 @@ def causal_lm_token_ids(tokenizer, prompt: str, target: str, *,
     """Prompt token ids and the target's continuation token ids, as the model sees ``prompt + " " + target`` (no
     space after a prompt that ends in whitespace, such as a chat template's assistant header)."""
     separator = "" if target[:1].isspace() or prompt[-1:].isspace() else " "
-    eos = tokenizer.eos_token_id
-
-    def ids(text: str) -> list[int]:
-        tokens = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        return tokens[:-1] if tokens and eos is not None and tokens[-1] == eos else tokens
-
-    prompt_ids, full_ids = ids(prompt), ids(prompt + separator + target)
+    prompt_ids = text_token_ids(tokenizer, prompt, add_special_tokens=add_special_tokens)
+    full_ids = text_token_ids(tokenizer, prompt + separator + target, add_special_tokens=add_special_tokens)
     if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
         return prompt_ids, full_ids[len(prompt_ids):]
     # the tokenizer merged across the boundary: tokenize the continuation on its own
     return prompt_ids, tokenizer(separator + target, add_special_tokens=False)["input_ids"]
+
+
+def text_token_ids(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text`` as a prompt a causal LM continues (without an end-of-sequence token the tokenizer may
+    append)."""
+    tokens = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return tokens[:-1] if tokens and eos is not None and tokens[-1] == eos else tokens
+
+
+def encode_prompt(tokenizer, task: Task, prompt: str, *, chat: bool = False) -> dict[str, torch.Tensor]:
+    """A prompt alone as inference sees it (one row), tokenized as :func:`encode_edit` tokenizes an edit's prompt:
+    its last token is the GRACE query."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"Give a non-empty prompt, got {prompt!r}.")
+    if task is not Task.CAUSAL_LM:
+        return dict(tokenizer(prompt, return_tensors="pt"))
+    ids = (text_token_ids(tokenizer, chat_prompt(tokenizer, prompt), add_special_tokens=False) if chat
+           else text_token_ids(tokenizer, prompt))
+    input_ids = torch.tensor([ids])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def target_predicted(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ class GraceLayer(BaseTunerLayer):
             expand_rule=config.eps_expand,
             split_rule=config.eps_split,
             key_center=uses_center(config.key),
+            journal_limit=config.journal_limit,
             **(codebook_shape or {}),
         )
         self.grace_replacement[adapter_name] = config.replacement
@@ -142,6 +143,7 @@ class Linear(nn.Module, GraceLayer):
                 self.call_state.record(self, adapter, keys, output[rows, positions])
             if values is None:
                 hits = codebook.lookup(keys)
+                self.call_state.searched(self, adapter, hits)
                 if query.prefill is not None:
                     query.prefill.hits[(self, adapter)] = hits
                 if not bool((hits >= 0).any()):

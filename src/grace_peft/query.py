@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +110,7 @@ class CallState:
         self._prefill_of_cache: weakref.WeakKeyDictionary[Cache, Prefill] = weakref.WeakKeyDictionary()
         self._recorded: dict[tuple[Any, str], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._forced: dict[tuple[Any, str], torch.Tensor] = {}
+        self._hit_watchers: list[Callable[[Any, str, torch.Tensor], None]] = []
         self._positional_names: dict[type, list[str]] = {}
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []  # the model's query hooks, removed by unload
         self.key_modules: set[str] = set()  # modules whose input some adapter's key is made of (hooked)
@@ -148,7 +149,21 @@ class CallState:
         finally:
             self._forced = outer
 
+    @contextmanager
+    def watching_hits(self, watcher: Callable[[Any, str, torch.Tensor], None]) -> Iterator[None]:
+        """Inside the block, ``watcher(layer, adapter, hits)`` hears every codebook search of an inference forward
+        (``hits``: the entry each row retrieved, or -1)."""
+        self._hit_watchers.append(watcher)
+        try:
+            yield
+        finally:
+            self._hit_watchers.remove(watcher)
+
     # ------------------------------------------------------------------------------------------ for the layers
+    def searched(self, layer: Any, adapter: str, hits: torch.Tensor) -> None:
+        for watcher in self._hit_watchers:
+            watcher(layer, adapter, hits)
+
     def record(self, layer: Any, adapter: str, queries: torch.Tensor, outputs: torch.Tensor) -> None:
         if self._recorded is not None:
             self._recorded[(layer, adapter)] = (queries.detach().float(), outputs.detach().float())

@@ -129,11 +129,27 @@ def _saved_as_one_unit(save_pretrained):
     unit (see :mod:`grace_peft.saving`)."""
 
     def wrapper(self, save_directory, *args, **kwargs):
-        from .saving import save_as_one_unit
+        from .hub import is_replaceable_card, model_card
+        from .saving import CARD, save_as_one_unit
 
         if not any(config.peft_type == GRACE_PEFT_TYPE for config in self.peft_config.values()):
             return save_pretrained(self, save_directory, *args, **kwargs)
-        save_as_one_unit(save_directory, lambda folder: save_pretrained(self, folder, *args, **kwargs))
+        saved = kwargs.get("selected_adapters") or list(self.peft_config)
+        described = "default" if "default" in saved else saved[0]  # the adapter saved at the folder's top level
+
+        def write(folder: str) -> None:
+            save_pretrained(self, folder, *args, **kwargs)
+            card = os.path.join(folder, CARD)
+            if self.peft_config[described].peft_type != GRACE_PEFT_TYPE or not kwargs.get("is_main_process", True):
+                return
+            if os.path.isfile(card):
+                with open(card, encoding="utf-8") as file:
+                    if not is_replaceable_card(file.read()):
+                        return  # the user's own card, which peft has updated
+            with open(card, "w", encoding="utf-8") as file:
+                file.write(model_card(self, described))
+
+        save_as_one_unit(save_directory, write)
 
     return wrapper
 

@@ -34,6 +34,7 @@ from ..editing import EditReport, GraceEditor
 from ..evaluation import FORMATS, EditFileError, EditRecord, Evaluator, Protocol, Scores, read_edits
 from ..keys import KEY_FUNCTIONS
 from ..model import codebook_sizes
+from . import manage
 from .base_models import (
     SMOLLM2,
     SMOLLM2_EPS_INIT,
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
     _add_inspect_parser(commands)
     _add_convert_parser(commands)
+    manage.add_parsers(commands)
     return parser
 
 
