@@ -227,9 +227,15 @@ def test_an_old_codebook_without_journal_loads_with_an_empty_one():
         fresh.remove_edit(0)
 
 
-def test_journal_needs_a_positive_limit():
-    with pytest.raises(ValueError, match="at least one"):
-        EditJournal(torch.nn.Module(), 2, 3, limit=0)
+def test_a_journal_of_limit_zero_keeps_nothing_and_undo_is_refused():
+    cb = make(eps=1.0, journal_limit=0)
+    edit(cb, [0.0, 0.0], [1], edit_id=0)
+    assert len(cb) == 1 and len(cb.journal) == 0
+    assert all(table.numel() == 0 for table in (getattr(cb.journal, name) for name in TABLES))
+    with pytest.raises(KeyError):
+        cb.remove_edit(0)
+    with pytest.raises(ValueError, match=">= 0"):
+        EditJournal(torch.nn.Module(), 2, 3, limit=-1)
 
 
 # =================================================================================================== through the editor

@@ -76,7 +76,8 @@ class GraceConfig(PeftConfig):
         seed: Seed of the random values drawn by ``value_init="cold"``.
         journal_limit: How many edit records each codebook's journal keeps (see :mod:`grace_peft.journal`): what
             every edit did, so that it can be listed, traced and taken back (``GraceEditor.remove``). When full, the
-            oldest tenth is dropped; those edits stay in the codebook but can no longer be undone.
+            oldest tenth is dropped; those edits stay in the codebook but can no longer be undone. ``0`` keeps no
+            journal (the codebook alone: 4 x (key width + value width) bytes per key plus its label, radius and id).
         journal_text: Also keep each edit's prompt and target text in the journal, and so in the saved adapter and
             anything pushed to the Hub (off by default, like ``push_edits(include_edits=...)``: without it the
             journal holds the target's token ids, as the codebook's labels already do, but no text).
@@ -165,8 +166,9 @@ class GraceConfig(PeftConfig):
             raise ValueError(f"GraceConfig.value_contexts must be a whole number >= 0, got {self.value_contexts!r}.")
         if int(self.max_steps) != self.max_steps or self.max_steps < 1:
             raise ValueError(f"GraceConfig.max_steps must be a positive integer, got {self.max_steps!r}.")
-        if int(self.journal_limit) != self.journal_limit or self.journal_limit < 1:
-            raise ValueError(f"GraceConfig.journal_limit must be a positive integer, got {self.journal_limit!r}.")
+        if int(self.journal_limit) != self.journal_limit or self.journal_limit < 0:
+            raise ValueError(f"GraceConfig.journal_limit must be a whole number >= 0 (0: no journal), got "
+                             f"{self.journal_limit!r}.")
         self.codebook_sizes = {str(name): _codebook_shape(shape) for name, shape in (self.codebook_sizes or {}).items()}
 
     @classmethod

@@ -13,7 +13,7 @@ kept only for the records that changed one (``value_row`` / ``key_row`` point in
 none). Size: about 140 bytes plus 8 per target token per record, and ``2 x 4 x value_dim`` more for a record that
 changed a value (EXPAND, OVERWRITE), ``2 x 4 x key_dim`` for one that moved a key (EXPAND by moving average).
 A journal keeps at most ``limit`` records; when it is full, the oldest tenth is dropped (those edits stay in the
-codebook but can no longer be undone).
+codebook but can no longer be undone). ``limit=0`` keeps none.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class EditJournal:
 
     def __init__(self, owner: nn.Module, key_dim: int, value_dim: int, *, limit: int = DEFAULT_LIMIT,
                  shape: dict[str, int] | None = None, device: torch.device | str | None = None) -> None:
-        if limit < 1:
-            raise ValueError(f"A journal keeps at least one record; got limit={limit}.")
+        if limit < 0:
+            raise ValueError(f"A journal's limit is a number of records >= 0 (0: keep none); got {limit}.")
         self._owner, self.key_dim, self.value_dim, self.limit = owner, key_dim, value_dim, limit
         for name, table in empty_tables(key_dim, value_dim, shape, device).items():
             owner.register_buffer(PREFIX + name, table)
@@ -164,6 +164,8 @@ class EditJournal:
     def append(self, record: JournalRecord) -> None:
         """Add a record (when the journal is full, its oldest tenth goes first: a full journal is not rewritten on
         every edit)."""
+        if self.limit == 0:
+            return
         if len(self) >= self.limit:
             self.write(self.records()[len(self) - self.limit + max(1, self.limit // 10):] + [record])
             return
