@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
     _add_inspect_parser(commands)
     _add_convert_parser(commands)
+    _add_console_parser(commands)
     manage.add_parsers(commands)
     return parser
 
@@ -479,6 +480,82 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"  {'radii':<15} min {_number(radii['min'])}, median {_number(radii['median'])}, "
               f"max {_number(radii['max'])}")
         print(f"  {'value norms':<15} {_number(norms['min'])} to {_number(norms['max'])}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- console
+def _add_console_parser(commands) -> None:
+    console = commands.add_parser(
+        "console", help="a local web page to ask the model, correct its answers (edits), see which edit fired, undo "
+                        "edits and save the adapter (needs gradio)",
+        description="Serve the edit console on this machine: ask MODEL a prompt (greedy answer), correct the answer "
+                    "(a GRACE edit), see for every answer which edit fired and at what distance, undo an edit, save "
+                    "the adapter. Edits ADAPTER when given, else a new adapter. Needs gradio: pip install "
+                    "\"grace-peft[console]\". Stop it with Ctrl-C.")
+    _add_model_argument(console)
+    console.add_argument("adapter", metavar="ADAPTER", nargs="?",
+                         help="folder of a saved GRACE adapter to keep editing (default: a new adapter)")
+    console.add_argument("--output", "-o", metavar="DIR",
+                         help="folder the page's Save button writes to (default: ADAPTER, else grace-console-edits)")
+    target = console.add_mutually_exclusive_group()
+    target.add_argument("--target-modules", nargs="+", metavar="NAME", help="new adapter: modules to wrap (as for "
+                        "edit)")
+    target.add_argument("--layer", type=_non_negative_int, metavar="N",
+                        help="new adapter: wrap block N's MLP output projection (as for edit)")
+    defaults = {item.name: item.default for item in dataclasses.fields(GraceConfig)}
+    console.add_argument("--eps-init", type=_positive_float, metavar="X",
+                         help="new adapter: radius of a new key (default: as for edit)")
+    console.add_argument("--rewording", action="store_true",
+                         help=f"new adapter, {SMOLLM2} only: the measured settings for edits that also hold when the "
+                              "question is reworded (as for edit)")
+    _add_rewording_options(console, defaults)
+    _add_chat(console)
+    console.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N",
+                         help="length of an answer in tokens (default: 20)")
+    console.add_argument("--host", default="127.0.0.1",
+                         help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
+                              "network: anyone who reaches it can edit and save)")
+    console.add_argument("--port", type=_positive_int, metavar="PORT",
+                         help="port to serve on (default: the first free one from 7860)")
+    console.add_argument("--open", action="store_true", help="open the page in the default web browser")
+    console.add_argument("--dtype", choices=DTYPES, default="float32",
+                         help="dtype to load the model in (default: float32)")
+    console.set_defaults(run=run_console)
+
+
+def run_console(args: argparse.Namespace) -> int:
+    """``grace-peft console``: load the model (and adapter) and serve the edit console until Ctrl-C."""
+    from . import console  # gradio is imported only by this command
+
+    try:
+        console.import_gradio()
+    except console.ConsoleUnavailable as error:
+        raise CliError(str(error)) from None
+    options = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name, None) is not None}
+    if args.adapter:
+        given = [name for name in ("target_modules", "layer", "key_layer") if getattr(args, name) is not None]
+        given += ["rewording"] if args.rewording else []
+        if given or options:
+            drop = ", ".join("--" + name.replace("_", "-") for name in [*given, *options])
+            raise CliError(f"ADAPTER is edited with its own configuration; drop {drop}")
+        read_adapter_config(args.adapter)  # fail before loading the model
+    model, tokenizer = load_model(args.model, args.dtype)
+    if args.adapter:
+        peft_model = load_adapter(model, args.adapter, is_trainable=False)
+    else:
+        defaults = smollm2_defaults(model, args)
+        peft_model = wrap_model(model, args, {**defaults, **options})
+        if "eps_init" not in options and "eps_init" not in defaults:
+            print(f"{PROG}: note: no radius is measured for this model and layer, so eps_init is "
+                  f"{GraceConfig.eps_init} in the key's own scale; measure one with '{PROG} calibrate'",
+                  file=sys.stderr)
+    check_chat(args.chat, tokenizer, args.model)
+    editor = GraceEditor(peft_model, tokenizer, progress=False, chat=args.chat)
+    try:
+        console.serve(peft_model, tokenizer, editor, adapter_folder=args.output or args.adapter,
+                      max_new_tokens=args.max_new_tokens, host=args.host, port=args.port, open_browser=args.open)
+    except (ValueError, OSError) as error:  # a classifier model, a port in use
+        raise CliError(str(error)) from None
     return 0
 
 
