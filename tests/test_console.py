@@ -12,8 +12,12 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -191,6 +195,45 @@ def test_command_serves_the_adapter_it_loads(tiny, model_folder, tmp_path, monke
     assert "drop --eps-init" in capsys.readouterr().err
 
 
+def test_command_serves_the_page_until_ctrl_c(model_folder):
+    """The installed command in its own process: the page is served on the port asked for, and Ctrl-C stops it with
+    exit code 0."""
+    pytest.importorskip("gradio")
+    port = free_port()
+    script = Path(sys.executable).with_name("grace-peft")
+    process = subprocess.Popen([str(script), "console", model_folder, "--port", str(port), "--eps-init", "0.2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    page = response.read().decode()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "the console did not start"
+                time.sleep(0.5)
+        assert "GRACE edit console" in page
+        ready = f"GRACE edit console on http://127.0.0.1:{port}/ (Ctrl-C to stop)"
+        lines = iter(process.stdout.readline, "")
+        assert any(line.startswith(ready) for line in lines), "the console never said where it serves"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def write_edit(folder: Path) -> Path:
     path = folder / "edits.jsonl"
     path.write_text(f'{{"prompt": "{PROMPT}", "target": "{TARGET}"}}\n', encoding="utf-8")
@@ -244,9 +287,7 @@ def page(tiny, monkeypatch):
     model = wrap(tiny)
     editor = GraceEditor(model, tiny.tokenizer, progress=False)
     app = console.build_app(model, tiny.tokenizer, editor, max_new_tokens=NEW_TOKENS)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, ssr_mode=False,
                quiet=True)
     options = Options()

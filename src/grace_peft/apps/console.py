@@ -295,4 +295,12 @@ def serve(model: nn.Module, tokenizer, editor: GraceEditor, *, adapter_folder: s
     link, no usage analytics."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app = build_app(model, tokenizer, editor, adapter_folder=adapter_folder, max_new_tokens=max_new_tokens)
-    app.launch(server_name=host, server_port=port, inbrowser=open_browser, share=False, ssr_mode=False)
+    try:
+        app.launch(server_name=host, server_port=port, inbrowser=open_browser, share=False, ssr_mode=False,
+                   quiet=True, prevent_thread_lock=True)
+        print(f"GRACE edit console on {app.local_url} (Ctrl-C to stop)", flush=True)
+        app.block_thread()  # until Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C while the server was starting
+        print("stopped", flush=True)
+    finally:
+        app.close()
