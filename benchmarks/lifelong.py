@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--key-layer", type=int,
                         help="make the key of this block's MLP down projection input (GraceConfig.key_module)")
     parser.add_argument("--value-contexts", type=int, default=0, help="GraceConfig.value_contexts (default 0)")
+    parser.add_argument("--subject-gate", action="store_true",
+                        help="GraceConfig.subject_gate: an entry fires only on prompts holding its edit's subject (the "
+                             "records' 'subject' field)")
     parser.add_argument("--calibrate", type=float, metavar="P",
                         help="set eps_init (and the key center) by grace_peft.calibrate for false-hit rate P on the "
                              "model's own background text, instead of --eps-init")
@@ -122,6 +125,7 @@ def edit_and_score(base, tokenizer, records, args, *, layer: int, eps_init: floa
                    edit_batch_size: int | None = None):
     """One lifelong run on a fresh copy of the base model."""
     options = {"replacement": args.replacement, "max_steps": args.max_steps, "value_contexts": args.value_contexts,
+               "subject_gate": args.subject_gate,
                **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
                **({"optimizer": args.optimizer} if args.optimizer else {}),
                **key_options(base, args), **(procedure or {})}
@@ -347,7 +351,7 @@ def settings(args, records) -> dict:
             "calibrate_false_hit_rate": args.calibrate,
             "calibrate_center": bool(args.calibrate) and not args.no_center,
             "calibrated_eps_init": getattr(args, "calibrated_eps_init", None),
-            "rewording": args.rewording,
+            "rewording": args.rewording, "subject_gate": args.subject_gate,
             "max_steps": args.max_steps, "protocol": args.protocol, "edit_batch_size": args.edit_batch_size,
             "torch_threads": torch.get_num_threads()}
 

@@ -495,7 +495,7 @@ def test_state_dict_round_trip_into_empty_codebook_is_bit_exact():
     journal = {f"journal_{name}" for name in ("fields", "numbers", "target_tokens", "label_tokens_before", "text",
                                               "values", "keys")}
     assert set(state) == {"keys", "values", "radii", "label_tokens", "label_lengths", "edit_ids", "next_edit_id",
-                          *journal}
+                          "gate_tokens", "gate_lengths", "gate_owners", *journal}
     fresh = make(eps=1.5, rule="moving_average", key_dim=3, value_dim=5)
     fresh.load_state_dict(state)
     loaded = fresh.state_dict()

@@ -54,6 +54,7 @@ CASES = {
 GRACE_SETTINGS = ("target_modules", "key", "key_module", "eps_init", "eps_expand", "eps_split", "replacement",
                   "value_init", "learning_rate", "max_steps", "early_stop", "stop_loss", "skip_if_correct", "seed")
 SAVED_TENSORS = {"keys", "values", "radii", "label_tokens", "label_lengths", "edit_ids", "next_edit_id",
+                 "gate_tokens", "gate_lengths", "gate_owners",
                  *(f"journal_{table}" for table in ("fields", "numbers", "target_tokens", "label_tokens_before", "text",
                                                      "values", "keys"))}
 

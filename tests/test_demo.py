@@ -39,7 +39,8 @@ def test_builtin_edit_set_has_36_clean_records():
     records = [json.loads(line) for line in lines]
     assert len(records) == 36
     for record in records:
-        assert set(record) == {"prompt", "target", "rephrase"}
+        assert set(record) == {"prompt", "target", "rephrase", "subject"}
+        assert record["subject"] in record["prompt"], record  # the subject gate needs it as the prompt spells it
         assert all(isinstance(value, str) and value.strip() for value in record.values()), record
         assert record["prompt"] == record["prompt"].strip(), record
         assert record["rephrase"] == record["rephrase"].strip(), record

@@ -529,7 +529,7 @@ def test_edit_dict_without_keys_is_refused_before_any_edit(item):
     assert len(codebook_of(model)) == 0
 
 
-@pytest.mark.parametrize("item", [("only a prompt",), ("a", "b", "c"), "the capital of australia is", 42])
+@pytest.mark.parametrize("item", [("only a prompt",), ("a", "b", "c", "d"), "the capital of australia is", 42])
 def test_unreadable_edit_items_are_refused(item):
     tm = TINY_MODELS["gpt2"]()
     with pytest.raises(ValueError, match="Cannot read an edit"):

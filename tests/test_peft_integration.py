@@ -205,7 +205,7 @@ def test_saving_records_codebook_sizes_in_the_file_not_in_the_live_config(tmp_pa
     after = {key: value for key, value in config.to_dict().items() if key != "base_model_name_or_path"}
     assert after == before and config.codebook_sizes == {}
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["codebook_sizes"] == {"transformer.h.1.mlp.c_proj": {"size": 2, "label_size": 2,
+    assert saved["codebook_sizes"] == {"transformer.h.1.mlp.c_proj": {"size": 2, "label_size": 2, "gate_size": [0, 0],
                                                                       "journal": TWO_EDITS_JOURNAL}}
     again = PeftModel.from_pretrained(tm.fresh(), tmp_path)
     assert torch.equal(batch_logits(again, tm), batch_logits(model, tm))
@@ -219,7 +219,7 @@ def test_peft_config_and_auto_peft_model_loading(tmp_path):
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     model.save_pretrained(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
-    assert config.codebook_sizes == {"model.layers.1.mlp.down_proj": {"size": 2, "label_size": 2,
+    assert config.codebook_sizes == {"model.layers.1.mlp.down_proj": {"size": 2, "label_size": 2, "gate_size": [0, 0],
                                                                      "journal": TWO_EDITS_JOURNAL}}
     auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
     assert torch.equal(batch_logits(auto.eval(), tm), batch_logits(model, tm))

@@ -58,9 +58,9 @@ def test_zsre_round_trip_strips_and_keeps_inner_text(tmp_path, no_warnings):
     assert read_zsre(path) == [
         EditRecord(prompt="What is the product made by UniFirst?", target="unmanned aircraft",
                    rephrase="What will be the product of UniFirst?", locality_prompt="nq question: who sang  the song",
-                   locality_answer="Queen", source_index=0),
+                   locality_answer="Queen", subject="UniFirst", source_index=0),
         EditRecord(prompt="Second?", target="unmanned aircraft", rephrase=None, locality_prompt=None,
-                   locality_answer="Queen", source_index=1),
+                   locality_answer="Queen", subject="UniFirst", source_index=1),
     ]
 
 
@@ -70,7 +70,7 @@ def test_counterfact_round_trip_accepts_string_and_nested_target(tmp_path, no_wa
     assert records[0] == EditRecord(prompt="The mother tongue of Danielle Darrieux is", target="English",
                                     rephrase="Where Danielle Darrieux is from, people speak",
                                     locality_prompt="Michel Rocard is a native speaker of", locality_answer="French",
-                                    source_index=0)
+                                    subject="Danielle Darrieux", source_index=0)
     assert records[1].target == "German" and records[1].source_index == 1
 
 

@@ -114,8 +114,10 @@ class Removal:
 
 
 _FLOAT_TENSORS = ("keys", "values", "radii", "key_center")
-_INT_TENSORS = ("label_tokens", "label_lengths", "edit_ids")
-_ROW_TENSORS = ("keys", "values", "radii", *_INT_TENSORS)  # one row per entry (label_tokens: per label token)
+_INT_TENSORS = ("label_tokens", "label_lengths", "edit_ids", "gate_tokens", "gate_lengths", "gate_owners")
+_ROW_TENSORS = ("keys", "values", "radii", "label_tokens", "label_lengths", "edit_ids")  # per entry (label_tokens: per
+# label token)
+_GATE_TENSORS = ("gate_tokens", "gate_lengths", "gate_owners")  # per gate token / per variant; absent before gates
 
 
 class Codebook(nn.Module):
@@ -124,7 +126,11 @@ class Codebook(nn.Module):
     ``values`` is the only parameter; everything else is a persistent buffer. All floating tensors are float32.
     Labels are stored ragged: ``label_tokens`` holds the token ids of all labels back to back and
     ``label_lengths`` says how many belong to each entry. ``next_edit_id`` is the first id not yet used.
-    ``size``, ``label_size`` and ``journal`` pre-allocate a codebook that is about to load a saved one. With
+    An entry may be gated (see :meth:`gate_mask`): ``gate_tokens`` holds token sequences back to back,
+    ``gate_lengths`` their lengths and ``gate_owners`` the entry each belongs to; a gated entry can only be retrieved
+    by a prompt that contains one of its sequences (its edit's subject), an entry without any is never vetoed.
+    ``size``, ``label_size``, ``gate_size`` (gate tokens, sequences) and ``journal`` pre-allocate a codebook that is
+    about to load a saved one. With
     ``key_center=True`` it also holds ``key_center``, a vector that key functions subtract from pooled inputs
     (see :mod:`grace_peft.keys`), zero until calibrated. ``journal`` (an :class:`~grace_peft.journal.EditJournal`
     of at most ``journal_limit`` records) records what every edit did, so that one can be taken back
@@ -150,6 +156,7 @@ class Codebook(nn.Module):
         key_center: bool = False,
         size: int = 0,
         label_size: int | None = None,
+        gate_size: tuple[int, int] = (0, 0),
         journal: Mapping[str, int] | None = None,
         journal_limit: int = DEFAULT_LIMIT,
         device: torch.device | str | None = None,
@@ -171,6 +178,9 @@ class Codebook(nn.Module):
         self.register_buffer("label_lengths", torch.ones(size, **i64))
         self.register_buffer("edit_ids", torch.zeros(size, **i64))
         self.register_buffer("next_edit_id", torch.zeros((), **i64))
+        self.register_buffer("gate_tokens", torch.zeros(gate_size[0], **i64))
+        self.register_buffer("gate_lengths", torch.ones(gate_size[1], **i64))
+        self.register_buffer("gate_owners", torch.zeros(gate_size[1], **i64))
         self.register_buffer("key_center", torch.zeros(key_dim, **f32) if key_center else None)
         self.journal = EditJournal(self, key_dim, value_dim, limit=journal_limit, shape=journal, device=device)
 
@@ -179,7 +189,9 @@ class Codebook(nn.Module):
 
     def shape_record(self) -> dict[str, int]:
         """The sizes a fresh codebook needs to load this one's state dict (``Codebook(..., **shape_record)``)."""
-        return {"size": len(self), "label_size": self.label_tokens.shape[0], "journal": self.journal.shape_record()}
+        return {"size": len(self), "label_size": self.label_tokens.shape[0],
+                "gate_size": [self.gate_tokens.shape[0], self.gate_lengths.shape[0]],
+                "journal": self.journal.shape_record()}
 
     def extra_repr(self) -> str:
         return (
@@ -188,27 +200,44 @@ class Codebook(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------- search
-    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, queries: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest key of each query row: ``(index, distance)``, both of shape ``(B,)``.
 
         Distances are exact float32 Euclidean distances, ``|q - k|``: a query equal to a key is at distance 0, and
-        equal distances go to the lower index. An empty codebook gives index -1 and distance inf. The search screens
-        every key by a matrix product (``|q|^2 - 2qk + |k|^2``, fast but inexact: it cancels catastrophically for
-        nearby keys far from the origin) and then measures exactly every key that the screen's error bound cannot
-        rule out, so the result is that of the exact distance to every key.
+        equal distances go to the lower index. An empty codebook gives index -1 and distance inf. ``allowed``
+        (``(B, entries)`` or ``(entries,)`` booleans, from :meth:`gate_mask`) restricts each row to those entries (-1
+        and inf for a row with none). The search screens every key by a matrix product (``|q|^2 - 2qk + |k|^2``,
+        fast but inexact: it cancels catastrophically for nearby keys far from the origin) and then measures exactly
+        every key that the screen's error bound cannot rule out, so the result is that of the exact distance to
+        every key.
         """
         queries = self._as_queries(queries)
         batch = queries.shape[0]
+        index = torch.full((batch,), -1, dtype=torch.int64, device=queries.device)
+        distance = torch.full((batch,), float("inf"), dtype=torch.float32, device=queries.device)
         if len(self) == 0:
-            return (
-                torch.full((batch,), -1, dtype=torch.int64, device=queries.device),
-                torch.full((batch,), float("inf"), dtype=torch.float32, device=queries.device),
-            )
-        if len(self) <= EXACT_SEARCH_UP_TO or not torch.isfinite(queries).all():
-            return _exact_nearest(queries, self.keys)
+            return index, distance
+        if allowed is None:
+            return self._nearest_among(queries, None)
+        allowed = allowed.to(device=self.keys.device, dtype=torch.bool).expand(batch, len(self))
+        for row in range(batch):
+            subset = allowed[row].nonzero().flatten()
+            if len(subset) == 0:
+                continue
+            found, gap = self._nearest_among(queries[row:row + 1], None if len(subset) == len(self) else subset)
+            index[row] = found[0] if len(subset) == len(self) else subset[found[0]]
+            distance[row] = gap[0]
+        return index, distance
+
+    def _nearest_among(self, queries: torch.Tensor, subset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`nearest` over every key, or over the keys at the (ascending) indices ``subset``; indices count
+        within ``subset``."""
+        keys = self.keys if subset is None else self.keys[subset]
+        if len(keys) <= EXACT_SEARCH_UP_TO or not torch.isfinite(queries).all():
+            return _exact_nearest(queries, keys)
         query_norms = queries.pow(2).sum(-1, keepdim=True)
-        key_norms = self._squared_key_norms()
-        screened = torch.addmm(key_norms.unsqueeze(0), queries, self.keys.T, alpha=-2).add_(query_norms)
+        key_norms = self._squared_key_norms() if subset is None else self._squared_key_norms()[subset]
+        screened = torch.addmm(key_norms.unsqueeze(0), queries, keys.T, alpha=-2).add_(query_norms)
         # Rounding error of each screened squared distance: at most (d + 3) u (|q| + |k|)^2 for float32 sums of d
         # products (u = 2^-24); doubled for safety. A key whose screened value exceeds the best one by more than
         # twice that cannot be the nearest.
@@ -218,19 +247,39 @@ class Codebook(nn.Module):
         kept = screened <= best + 2 * slack
         width = int(kept.sum(-1).max())
         if width > MAX_EXACT_CANDIDATES:  # keys too alike for the screen to help (e.g. far from the origin)
-            return _exact_nearest(queries, self.keys)
+            return _exact_nearest(queries, keys)
         candidates = screened.masked_fill(~kept, float("inf")).topk(width, largest=False).indices
-        distances = torch.cdist(queries[:, None, :], self.keys[candidates],
+        distances = torch.cdist(queries[:, None, :], keys[candidates],
                                 compute_mode="donot_use_mm_for_euclid_dist").squeeze(1)
         distances = distances.masked_fill(~kept.gather(1, candidates), float("inf"))
         distance = distances.min(-1).values
         tied = distances == distance[:, None]
-        index = torch.where(tied, candidates, torch.full_like(candidates, len(self))).min(-1).values
+        index = torch.where(tied, candidates, torch.full_like(candidates, len(keys))).min(-1).values
         return index, distance
 
-    def lookup(self, queries: torch.Tensor) -> torch.Tensor:
-        """Index of the entry each query row retrieves, or -1 where it defers to the layer (shape ``(B,)``)."""
-        index, distance = self.nearest(queries)
+    def gate_mask(self, prompts: list[list[int]]) -> torch.Tensor | None:
+        """Which entries each prompt (its token ids) may retrieve, ``(len(prompts), entries)`` booleans: an entry
+        without gate sequences always, a gated one when one of its sequences occurs in the prompt, contiguously.
+        ``None`` when no entry is gated (nothing to restrict)."""
+        if self.gate_owners.numel() == 0:
+            return None
+        table = self._gate_table()
+        lengths = sorted({len(sequence) for sequence in table})
+        ungated = torch.ones(len(self), dtype=torch.bool)
+        ungated[self.gate_owners.cpu()] = False
+        mask = ungated.repeat(len(prompts), 1)
+        for row, ids in enumerate(prompts):
+            for length in lengths:
+                for start in range(len(ids) - length + 1):
+                    owners = table.get(tuple(ids[start:start + length]))
+                    if owners:
+                        mask[row, owners] = True
+        return mask.to(self.keys.device)
+
+    def lookup(self, queries: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Index of the entry each query row retrieves, or -1 where it defers to the layer (shape ``(B,)``);
+        ``allowed`` as for :meth:`nearest`."""
+        index, distance = self.nearest(queries, allowed)
         if len(self) == 0:
             return index
         hit = distance <= self.radii[index.clamp_min(0)]  # NaN and inf distances compare False: no hit
@@ -245,6 +294,7 @@ class Codebook(nn.Module):
     def update(
         self, query: torch.Tensor, label: torch.Tensor, *, edit_id: int, init_value: torch.Tensor,
         radius: float | None = None, text: dict[str, Any] | None = None,
+        gates: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
     ) -> CodebookUpdate:
         """Apply one edit (``query`` of shape ``(key_dim,)``, ``label`` token ids) and say what happened.
 
@@ -252,7 +302,9 @@ class Codebook(nn.Module):
         already has). The caller trains the value at ``CodebookUpdate.index`` afterwards (:meth:`set_value`).
         ``radius`` is the edit's own ball (default ``eps_init``): what a new entry gets and what decides whether
         the edit reaches an existing key (a merge replays entries with the radii they had). The journal records
-        the update, with ``text`` (the edit's prompt and target, when the user keeps them).
+        the update, with ``text`` (the edit's prompt and target, when the user keeps them). ``gates``: token
+        sequences a new entry is gated by (:meth:`gate_mask`); ``allowed``: the entries the edit's own prompt may
+        retrieve (``(entries,)``), the only ones it can reach.
         """
         query = self._as_queries(query).squeeze(0)
         if not torch.isfinite(query).all():
@@ -264,13 +316,16 @@ class Codebook(nn.Module):
         record = JournalRecord(edit_id, CodebookOperation.ADD.value, -1, label, text=text)
 
         if len(self) == 0:
-            record.entry = self._append(query, init_value, radius, label, edit_id)
+            record.entry = self._append(query, init_value, radius, label, edit_id, gates)
             return self._recorded(record)
-        index, distance = self.nearest(query.unsqueeze(0))
+        index, distance = self.nearest(query.unsqueeze(0), allowed)
         i, d = int(index), float(distance)
+        if i < 0:  # no entry this prompt may retrieve
+            record.entry = self._append(query, init_value, radius, label, edit_id, gates)
+            return self._recorded(record)
         record.nearest, record.distance = i, d
         if not d <= radius + float(self.radii[i]):
-            record.entry = self._append(query, init_value, radius, label, edit_id)
+            record.entry = self._append(query, init_value, radius, label, edit_id, gates)
             return self._recorded(record)
         record.changed, record.radius_before = i, float(self.radii[i])
         if torch.equal(self.label(i), label):
@@ -292,10 +347,10 @@ class Codebook(nn.Module):
             record.operation = CodebookOperation.SPLIT.value
             if self.split_rule is SplitRule.KEEP:
                 record.changed, record.radius_before = -1, NONE
-                record.entry = self._append(query, init_value, radius, label, edit_id)
+                record.entry = self._append(query, init_value, radius, label, edit_id, gates)
             else:
                 self.radii[i] = min(float(self.radii[i]), d / 2)
-                record.entry = self._append(query, init_value, d / 2, label, edit_id)
+                record.entry = self._append(query, init_value, d / 2, label, edit_id, gates)
         if record.changed >= 0:
             record.radius_after = float(self.radii[i])
         return self._recorded(record)
@@ -416,6 +471,11 @@ class Codebook(nn.Module):
         self.label_tokens = torch.cat([self.label_tokens[:start], self.label_tokens[end:]])
         self.label_lengths = self.label_lengths[keep]
         self.edit_ids = self.edit_ids[keep]
+        owned = self.gate_owners == index
+        token_owned = owned.repeat_interleave(self.gate_lengths)
+        self.gate_tokens = self.gate_tokens[~token_owned]
+        self.gate_lengths = self.gate_lengths[~owned]
+        self.gate_owners = self.gate_owners[~owned] - (self.gate_owners[~owned] > index).long()
         self.journal.entry_removed(index)
 
     def _squared_key_norms(self) -> torch.Tensor:
@@ -429,6 +489,19 @@ class Codebook(nn.Module):
 
     def _forget_key_norms(self) -> None:
         self.__dict__.pop("_key_norms", None)
+
+    def _gate_table(self) -> dict[tuple[int, ...], list[int]]:
+        """Gate sequence -> the entries it opens, kept until the gates change (new tensors; a load forgets it)."""
+        cached = self.__dict__.get("_gate_lookup")
+        if cached is None or cached[0]() is not self.gate_owners:
+            table: dict[tuple[int, ...], list[int]] = {}
+            tokens, start = self.gate_tokens.tolist(), 0
+            for length, owner in zip(self.gate_lengths.tolist(), self.gate_owners.tolist(), strict=True):
+                table.setdefault(tuple(tokens[start:start + length]), []).append(owner)
+                start += length
+            cached = (weakref.ref(self.gate_owners), table)
+            self.__dict__["_gate_lookup"] = cached
+        return cached[1]
 
     def _as_queries(self, queries: torch.Tensor) -> torch.Tensor:
         queries = queries.detach().to(device=self.keys.device, dtype=torch.float32)
@@ -466,8 +539,14 @@ class Codebook(nn.Module):
             self.radii[index] = max(radius, distance / 2)
 
     @torch.no_grad()
-    def _append(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: torch.Tensor, edit_id: int) -> int:
+    def _append(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: torch.Tensor, edit_id: int,
+                gates: list[torch.Tensor] | None = None) -> int:
         device = self.keys.device
+        if gates:
+            sequences = [gate.to(device, torch.int64).reshape(-1) for gate in gates]
+            self.gate_tokens = torch.cat([self.gate_tokens, *sequences])
+            self.gate_lengths = torch.cat([self.gate_lengths, torch.tensor([len(g) for g in sequences], device=device)])
+            self.gate_owners = torch.cat([self.gate_owners, torch.full((len(sequences),), len(self), device=device)])
         self.keys = torch.cat([self.keys, key.unsqueeze(0)])
         self.values = nn.Parameter(torch.cat([self.values.detach(), value.unsqueeze(0)]),
                                    requires_grad=self.values.requires_grad)
@@ -489,7 +568,7 @@ class Codebook(nn.Module):
                               error_msgs):
         # A codebook grows: resize along dim 0 to the saved size before torch compares shapes. Check every tensor
         # first, so that a refused load changes nothing.
-        present = [name for name in _ROW_TENSORS if prefix + name in state_dict]
+        present = [name for name in (*_ROW_TENSORS, *_GATE_TENSORS) if prefix + name in state_dict]
         module = prefix.split(".grace_codebook.")[0]  # the wrapping module, as the loading model names it
         for name in present:
             saved, current = state_dict[prefix + name], getattr(self, name)
@@ -519,6 +598,10 @@ class Codebook(nn.Module):
             if not name.startswith(JOURNAL_PREFIX):  # converted below
                 state_dict[prefix + name] = tensor.to(torch.float32 if name in _FLOAT_TENSORS else torch.int64)
         prepare_journal_load(self.journal, state_dict, prefix)
+        if not any(prefix + name in state_dict for name in _GATE_TENSORS):  # saved before gates: none
+            for name in _GATE_TENSORS:
+                state_dict[prefix + name] = torch.zeros(0, dtype=torch.int64, device=getattr(self, name).device)
+                present.append(name)
         for name in present:
             if name == "key_center":
                 continue
@@ -528,6 +611,7 @@ class Codebook(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._forget_key_norms()  # the keys were copied in place
+        self.__dict__.pop("_gate_lookup", None)
 
 
 def _exact_nearest(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -580,6 +664,15 @@ def _codebook_tensors_problem(saved: dict[str, torch.Tensor]) -> str | None:
         if "label_tokens" in saved and int(lengths.sum()) != saved["label_tokens"].shape[0]:
             return (f"its 'label_lengths' add up to {int(lengths.sum())} label tokens, but 'label_tokens' holds "
                     f"{saved['label_tokens'].shape[0]}")
+    if "gate_lengths" in saved or "gate_owners" in saved:
+        lengths, owners = saved.get("gate_lengths"), saved.get("gate_owners")
+        if lengths is None or owners is None or lengths.shape != owners.shape:
+            return "its gate tensors do not hang together ('gate_lengths' and 'gate_owners' differ)"
+        if bool((lengths < 1).any()) or ("gate_tokens" in saved and int(lengths.sum()) != len(saved["gate_tokens"])):
+            return "its 'gate_lengths' do not add up to its 'gate_tokens'"
+        entries = saved["keys"].shape[0] if "keys" in saved else None
+        if owners.numel() and (int(owners.min()) < 0 or (entries is not None and int(owners.max()) >= entries)):
+            return "its 'gate_owners' name an entry it does not have"
     if "edit_ids" in saved:
         ids = saved["edit_ids"]
         if ids.numel() != torch.unique(ids).numel():

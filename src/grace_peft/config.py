@@ -74,6 +74,11 @@ class GraceConfig(PeftConfig):
         stop_loss: Loss threshold for ``early_stop="loss"``.
         skip_if_correct: Skip edits whose target the model already predicts ("edit only on error", as the authors).
         seed: Seed of the random values drawn by ``value_init="cold"``.
+        subject_gate: Gate every entry by its edit's subject (``GraceEditor.edit(prompt, target, subject=...)``):
+            the entry can only be retrieved by a prompt that contains the subject's tokens (as the subject is
+            tokenized at the start of a text or after a space), and an edit only meets entries its own prompt may
+            retrieve. Rewordings of a question keep its subject; another question with the same wording and
+            another subject (a key near the edit's) does not fire it. Every edit must name its subject.
         journal_limit: How many edit records each codebook's journal keeps (see :mod:`grace_peft.journal`): what
             every edit did, so that it can be listed, traced and taken back (``GraceEditor.remove``). When full, the
             oldest tenth is dropped; those edits stay in the codebook but can no longer be undone. ``0`` keeps no
@@ -128,6 +133,9 @@ class GraceConfig(PeftConfig):
     stop_loss: float = field(default=1e-2, metadata={"help": "Loss threshold for early_stop='loss'."})
     skip_if_correct: bool = field(default=False, metadata={"help": "Skip edits the model already gets right."})
     seed: int = field(default=0, metadata={"help": "Seed for value_init='cold'."})
+    subject_gate: bool = field(
+        default=False, metadata={"help": "An entry fires only on prompts that contain its edit's subject."}
+    )
     journal_limit: int = field(
         default=100_000, metadata={"help": "Edit records each codebook's journal keeps (the oldest tenth goes first)."}
     )
@@ -202,6 +210,8 @@ class GraceConfig(PeftConfig):
 def _codebook_shape(shape: dict) -> dict:
     """A recorded codebook shape with plain ints (``journal``: the journal's sizes, absent before journals)."""
     normal = {"size": int(shape["size"]), "label_size": int(shape["label_size"])}
+    if "gate_size" in shape:
+        normal["gate_size"] = [int(size) for size in shape["gate_size"]]
     if isinstance(shape.get("journal"), dict):
         normal["journal"] = {str(name): int(size) for name, size in shape["journal"].items()}
     return normal

@@ -166,9 +166,10 @@ class GraceEditor:
         return self.model.peft_config[self.adapter_name]
 
     # ------------------------------------------------------------------------------------------ public API
-    def edit(self, prompt: str, target: str | int) -> EditReport:
-        """Apply one edit and report what happened."""
-        return self.apply(self._encode(Edit(prompt, target)), prompt=prompt, target=target)
+    def edit(self, prompt: str, target: str | int, subject: str | None = None) -> EditReport:
+        """Apply one edit and report what happened (``subject``: what it is about, as the prompt spells it; needed
+        with ``GraceConfig.subject_gate``)."""
+        return self._apply_rows([self._encode(Edit(prompt, target, subject))], [Edit(prompt, target, subject)])[0]
 
     def edit_many(self, edits_in: Iterable[EditLike], *, batch_size: int = 1,
                   progress: bool | None = None) -> list[EditReport]:
@@ -206,7 +207,11 @@ class GraceEditor:
 
     def _encode(self, edit: Edit) -> EncodedEdit:
         """Tokenize an edit, refusing one longer than the model takes."""
-        encoded = encode_edit(self.tokenizer, self.task, edit.prompt, edit.target, chat=self.chat)
+        if self.config.subject_gate and not edit.subject:
+            raise ValueError(f"GraceConfig.subject_gate gates every entry by its edit's subject, and the edit "
+                             f"{edit.prompt[:60]!r} names none: pass Edit(prompt, target, subject=...).")
+        encoded = encode_edit(self.tokenizer, self.task, edit.prompt, edit.target, chat=self.chat,
+                              subject=edit.subject if self.config.subject_gate else None)
         length, limit = encoded.inputs["input_ids"].shape[1], max_input_length(self.model)
         if limit is not None and length > limit:
             what = "prompt and target" if self.task is Task.CAUSAL_LM else "prompt"
@@ -261,6 +266,9 @@ class GraceEditor:
 
     def apply(self, encoded: EncodedEdit, *, prompt: str = "", target: str | int = "") -> EditReport:
         """Apply one already-tokenized edit."""
+        if self.config.subject_gate and encoded.gates is None:
+            raise ValueError("GraceConfig.subject_gate needs the edit's subject: encode it with "
+                             "encode_edit(..., subject=...), or use edit(prompt, target, subject).")
         return self._apply_rows([encoded], [Edit(prompt, target)])[0]
 
     # ------------------------------------------------------------------------------------------ steps
@@ -300,7 +308,8 @@ class GraceEditor:
                 with clock("verify"):
                     losses, successes = self._verified(batch, [plans[row] for row in trained],
                                                        [{name: probes[name][0][row] for name in self.layers}
-                                                        for row in trained], outcomes)
+                                                        for row in trained], outcomes,
+                                                       [encoded[row] for row in trained])
             seconds = (time.perf_counter() - started) / len(plans)
             for position, row in enumerate(trained):
                 for codebook in self._codebooks():
@@ -328,7 +337,7 @@ class GraceEditor:
         plans: list[_RowPlan | None] = []
         touched: dict[str, set[int]] = {name: set() for name in self.layers}
         for row, item in enumerate(encoded):
-            if row > 0 and self._reaches_touched(probes, row, touched):
+            if row > 0 and self._reaches_touched(probes, row, item, touched):
                 break
             if self.config.skip_if_correct and predicted[row]:
                 plans.append(None)
@@ -336,11 +345,14 @@ class GraceEditor:
             edit_id = max(int(codebook.next_edit_id) for codebook in self._codebooks())
             plan = _RowPlan(edit_id, {}, {})
             text = {"prompt": edits[row].prompt, "target": edits[row].target} if self.config.journal_text else None
+            if text is not None and edits[row].subject:
+                text["subject"] = edits[row].subject
             for name, layer in self.layers.items():
                 query, current = probes[name]
                 codebook = layer.grace_codebook[self.adapter_name]
                 update = codebook.update(query[row], item.label_ids, edit_id=edit_id,
-                                         init_value=self._initial_value(current[row], edit_id, name), text=text)
+                                         init_value=self._initial_value(current[row], edit_id, name), text=text,
+                                         gates=item.gates, allowed=_allowed(codebook, item))
                 touched[name].add(update.index)
                 if update.operation is CodebookOperation.SPLIT:
                     touched[name].add(update.nearest)
@@ -350,12 +362,12 @@ class GraceEditor:
             plans.append(plan)
         return plans
 
-    def _reaches_touched(self, probes, row: int, touched: dict[str, set[int]]) -> bool:
+    def _reaches_touched(self, probes, row: int, item: EncodedEdit, touched: dict[str, set[int]]) -> bool:
         for name, layer in self.layers.items():
             codebook = layer.grace_codebook[self.adapter_name]
             if not touched[name] or len(codebook) == 0:
                 continue
-            index, distance = codebook.nearest(probes[name][0][row])
+            index, distance = codebook.nearest(probes[name][0][row], _allowed(codebook, item))
             if int(index) in touched[name] and codebook.reaches(int(index), float(distance)):
                 return True
         return False
@@ -491,17 +503,19 @@ class GraceEditor:
         return [False] * len(losses)
 
     def _verified(self, batch: dict[str, torch.Tensor], plans: list[_RowPlan], queries: list[dict[str, torch.Tensor]],
-                  outcomes: list[tuple[float, bool] | None]) -> tuple[list[float], list[bool]]:
+                  outcomes: list[tuple[float, bool] | None],
+                  encoded: list[EncodedEdit]) -> tuple[list[float], list[bool]]:
         """Each trained edit's loss and success as inference sees them. The forward pass that stopped an edit's
         training already shows them, when inference would use the value it trained: every layer's codebook
         retrieves, for the edit's own query, the entry that was trained (inference then replaces the same output
         with the same value, and the frozen blocks below are bit-identical). Otherwise (stopped by ``max_steps``, or
         another entry is nearer) a full inference pass decides."""
+        codebooks = {name: layer.grace_codebook[self.adapter_name] for name, layer in self.layers.items()}
         retrieved = all(
             outcome is not None and all(
-                int(self.layers[name].grace_codebook[self.adapter_name].lookup(query[name])[0]) == plan.values[name][0]
-                for name in self.layers)
-            for plan, query, outcome in zip(plans, queries, outcomes, strict=True))
+                int(codebook.lookup(query[name], _allowed(codebook, item))[0]) == plan.values[name][0]
+                for name, codebook in codebooks.items())
+            for plan, query, outcome, item in zip(plans, queries, outcomes, encoded, strict=True))
         if retrieved:
             return [loss for loss, _ in outcomes], [predicted for _, predicted in outcomes]
         return self._verify(batch)
@@ -532,6 +546,12 @@ class GraceEditor:
 
     def _codebooks(self):
         return [layer.grace_codebook[self.adapter_name] for layer in self.layers.values()]
+
+
+def _allowed(codebook, item: EncodedEdit) -> torch.Tensor | None:
+    """The entries an edit's own prompt may retrieve (None: all; see ``Codebook.gate_mask``)."""
+    mask = codebook.gate_mask([item.prompt_ids])
+    return None if mask is None else mask[0]
 
 
 class _PhaseClock:

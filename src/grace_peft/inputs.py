@@ -12,6 +12,7 @@ Hub card share.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from enum import Enum
 from typing import Any
 
@@ -35,22 +36,25 @@ class Edit:
 
     prompt: str
     target: str | int
+    subject: str | None = None  # what the edit is about, as the prompt spells it (GraceConfig.subject_gate)
 
 
 EditLike = Edit | tuple | dict
 
 
 def as_edit(item: EditLike) -> Edit:
-    """Accept ``Edit``, ``(prompt, target)`` or ``{"prompt": ..., "target": ...}``."""
+    """Accept ``Edit``, ``(prompt, target)``, ``(prompt, target, subject)`` or a dict with ``prompt``, ``target``
+    and optionally ``subject``."""
     if isinstance(item, Edit):
         return item
     if isinstance(item, dict):
         if "prompt" not in item or "target" not in item:
             raise ValueError(f"An edit dict needs 'prompt' and 'target' keys, got {sorted(item)}.")
-        return Edit(item["prompt"], item["target"])
-    if isinstance(item, tuple) and len(item) == 2:
+        return Edit(item["prompt"], item["target"], item.get("subject"))
+    if isinstance(item, tuple) and len(item) in (2, 3):
         return Edit(*item)
-    raise ValueError(f"Cannot read an edit from {item!r}: use Edit(prompt, target), (prompt, target) or a dict.")
+    raise ValueError(f"Cannot read an edit from {item!r}: use Edit(prompt, target, subject=None), (prompt, target) "
+                     "or a dict.")
 
 
 @dataclass
@@ -59,6 +63,8 @@ class EncodedEdit:
 
     inputs: dict[str, torch.Tensor]
     label_ids: torch.Tensor
+    prompt_ids: list[int] = dataclass_field(default_factory=list)  # the tokens up to the query, as inference sees them
+    gates: list[torch.Tensor] | None = None  # the subject's token sequences (subject_gate)
 
 
 def detect_task(model: nn.Module) -> Task:
@@ -75,11 +81,20 @@ def detect_task(model: nn.Module) -> Task:
                      "'sequence_classification' to GraceEditor.")
 
 
-def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: bool = False) -> EncodedEdit:
+def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: bool = False,
+                subject: str | None = None) -> EncodedEdit:
     """Tokenize one edit. Causal LMs: ``prompt + " " + target`` with only the target tokens labelled (the leading
     space is part of the target, as the model would generate it); with ``chat``, the prompt is first rendered as a
     user turn of the tokenizer's chat template (:func:`chat_prompt`) and the target is the assistant's answer.
-    Seq2seq: the target as decoder labels; classifiers: the class id."""
+    Seq2seq: the target as decoder labels; classifiers: the class id. With a ``subject``, also its gate sequences
+    (:func:`subject_gates`)."""
+    encoded = _encode_edit(tokenizer, task, prompt, target, chat=chat)
+    if subject is not None:
+        encoded.gates = subject_gates(tokenizer, subject, encoded.prompt_ids)
+    return encoded
+
+
+def _encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: bool) -> EncodedEdit:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"An edit needs a non-empty prompt, got {prompt!r}.")
     special = set(tokenizer.all_special_ids)
@@ -93,13 +108,13 @@ def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: 
             raise ValueError(f"A classifier edit's target is a class id (int), got {target!r}.")
         inputs = tokenizer(prompt, return_tensors="pt")
         label = torch.tensor([target])
-        return EncodedEdit({**inputs, "labels": label}, label)
+        return EncodedEdit({**inputs, "labels": label}, label, inputs["input_ids"][0].tolist())
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"An edit needs a non-empty target string, got {target!r} (prompt {prompt!r}).")
     if task is Task.SEQ2SEQ_LM:
         inputs = tokenizer(prompt, return_tensors="pt")
         labels = tokenizer(text_target=target, return_tensors="pt")["input_ids"]
-        return EncodedEdit({**inputs, "labels": labels}, labels[0])
+        return EncodedEdit({**inputs, "labels": labels}, labels[0], inputs["input_ids"][0].tolist())
     if chat:
         prompt_ids, target_ids = causal_lm_token_ids(tokenizer, chat_prompt(tokenizer, prompt), target.strip(),
                                                      add_special_tokens=False)
@@ -109,8 +124,31 @@ def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: 
     labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + target_ids])
     return EncodedEdit(
         {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels},
-        torch.tensor(target_ids),
+        torch.tensor(target_ids), list(prompt_ids),
     )
+
+
+def subject_gates(tokenizer, subject: str, prompt_ids: list[int]) -> list[torch.Tensor]:
+    """The token sequences of ``subject`` that gate an edit's entry (:meth:`Codebook.gate_mask`): the subject as it
+    is tokenized at the start of a text and after a space, as given and with its first letter in the other case
+    ("gold" / "Gold's"); the prompt must contain one of them."""
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"An edit's subject must be non-empty text, got {subject!r}.")
+    subject = subject.strip()
+    variants = []
+    cases = dict.fromkeys((subject, subject[0].upper() + subject[1:], subject[0].lower() + subject[1:]))
+    for text in (form for case in cases for form in (case, " " + case)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and ids not in variants:
+            variants.append(ids)
+    if not any(_occurs(variant, prompt_ids) for variant in variants):
+        raise ValueError(f"The subject {subject!r} does not occur in the edit's prompt (as tokens): give the subject "
+                         "as the prompt spells it.")
+    return [torch.tensor(variant) for variant in variants]
+
+
+def _occurs(sequence: list[int], ids: list[int]) -> bool:
+    return any(ids[start:start + len(sequence)] == sequence for start in range(len(ids) - len(sequence) + 1))
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:

@@ -91,11 +91,13 @@ class Neighbour:
     label: list[int]
     target: str | None
     fired: bool
+    gated_out: bool = False  # the entry's subject gate is closed for this prompt (GraceConfig.subject_gate)
 
     def describe(self) -> str:
         target = f"{self.target!r}, " if self.target is not None else ""
         relation = "<=" if self.distance <= self.radius else ">"
-        return f"edit {self.edit_id} ({target}distance {self.distance:.4g} {relation} radius {self.radius:.4g})"
+        gate = ", its subject is not in the prompt" if self.gated_out else ""
+        return f"edit {self.edit_id} ({target}distance {self.distance:.4g} {relation} radius {self.radius:.4g}{gate})"
 
 
 @dataclass
@@ -164,13 +166,16 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, adapter_name: str = "de
                                "active (model.set_adapter)?")
         codebook = layer.grace_codebook[adapter_name]
         key = probe[0][0]
-        hit = int(codebook.lookup(key)[0]) if len(codebook) else -1
+        gates = codebook.gate_mask([inputs["input_ids"][0].tolist()])
+        allowed = None if gates is None else gates[0]
+        hit = int(codebook.lookup(key, allowed)[0]) if len(codebook) else -1
         indices, distances = codebook.neighbours(key, neighbours)
         traces.append(ModuleTrace(name, [
             Neighbour(entry=index, edit_id=int(codebook.edit_ids[index]), distance=float(distance),
                       radius=float(codebook.radii[index]), label=codebook.label(index).tolist(),
                       target=tokenizer.decode(codebook.label(index).tolist()) if task is not
-                      Task.SEQUENCE_CLASSIFICATION else None, fired=index == hit)
+                      Task.SEQUENCE_CLASSIFICATION else None, fired=index == hit,
+                      gated_out=allowed is not None and not bool(allowed[index]))
             for index, distance in zip(indices.tolist(), distances.tolist(), strict=True)]))
     return Trace(prompt, traces)
 

@@ -142,7 +142,7 @@ class Linear(nn.Module, GraceLayer):
                 keys = self._keys(adapter, inputs, query)
                 self.call_state.record(self, adapter, keys, output[rows, positions])
             if values is None:
-                hits = codebook.lookup(keys)
+                hits = codebook.lookup(keys, self._allowed(codebook, query))
                 self.call_state.searched(self, adapter, hits)
                 if query.prefill is not None:
                     query.prefill.hits[(self, adapter)] = hits
@@ -160,6 +160,19 @@ class Linear(nn.Module, GraceLayer):
                 span = torch.ones(batch, length, dtype=torch.bool, device=output.device)
             mask = span & row_hit[:, None]
         return torch.where(mask[..., None], values[:, None, :].to(output.dtype), output)
+
+    @staticmethod
+    def _allowed(codebook: Codebook, query: ForwardQuery) -> torch.Tensor | None:
+        """Which entries each row may retrieve when some are gated by their edits' subjects (None: all)."""
+        if codebook.gate_owners.numel() == 0:
+            return None
+        ids = query.prefill.input_ids if query.prefill is not None else None
+        if ids is None:
+            raise RuntimeError("This GRACE adapter's entries are gated by their edits' subjects "
+                               "(GraceConfig.subject_gate): retrieving one needs the prompt's token ids. Call the "
+                               "model with input_ids (not inputs_embeds), through its own forward or generate.")
+        return codebook.gate_mask([ids[row, : position + 1].tolist()
+                                   for row, position in enumerate(query.positions.tolist())])
 
     def _keys(self, adapter: str, inputs: torch.Tensor, query: ForwardQuery) -> torch.Tensor:
         """The keys of this forward's rows: from this layer's input, or from the input of the adapter's key module

@@ -56,7 +56,7 @@ METRICS = ("rel", "gen", "loc", "upstream")
 
 # GraceConfig fields that `edit` options set (same names as the argparse dests); refused with --adapter.
 CONFIG_OPTIONS = ("eps_init", "replacement", "max_steps", "learning_rate", "early_stop", "key", "eps_split",
-                  "value_contexts", "optimizer")
+                  "value_contexts", "optimizer", "subject_gate")
 
 
 class CliError(Exception):
@@ -179,6 +179,9 @@ def _add_rewording_options(parser: argparse.ArgumentParser, defaults: dict[str, 
     parser.add_argument("--value-contexts", type=_non_negative_int, metavar="N",
                         help="also train each value after N short texts the model writes itself, so that it carries "
                              f"the edit into a reworded prompt (default: {defaults['value_contexts']})")
+    parser.add_argument("--subject-gate", action="store_true", default=None,
+                        help="an edit fires only on prompts that contain its subject (each record's 'subject' field, "
+                             "as the prompt spells it): the same question about another subject is left alone")
 
 
 def _add_calibrate_parser(commands) -> None:
@@ -310,7 +313,11 @@ def run_edit(args: argparse.Namespace) -> int:
     check_chat(args.chat, tokenizer, args.model)
     editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress, chat=args.chat)
     started = time.perf_counter()
-    reports = editor.edit_many([(record.prompt, record.target) for record in records], batch_size=args.batch_size)
+    try:
+        reports = editor.edit_many([(record.prompt, record.target, record.subject) for record in records],
+                                   batch_size=args.batch_size)
+    except ValueError as error:  # the stream is checked before the first edit: nothing was applied
+        raise CliError(f"{args.edits}: {error}") from None
     seconds = time.perf_counter() - started
     peft_model.save_pretrained(args.output)
 
@@ -366,8 +373,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise CliError(f"cannot read --texts {args.texts}: {error}") from None
     model, tokenizer = load_model(args.model)
-    options = {name: getattr(args, name) for name in ("key", "eps_split", "replacement", "value_contexts")
-               if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in ("key", "eps_split", "replacement", "value_contexts",
+                                                       "subject_gate") if getattr(args, name) is not None}
     peft_model = wrap_model(model, args, options)
     try:
         result = calibrate(peft_model, tokenizer, texts, false_hit_rate=args.false_hit_rate,

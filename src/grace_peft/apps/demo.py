@@ -124,7 +124,7 @@ def apply_edits(model: nn.Module, tokenizer, config: GraceConfig,
     peft_model = get_peft_model(model, config)
     editor = GraceEditor(peft_model, tokenizer)
     started = time.perf_counter()
-    reports = editor.edit_many([(edit.prompt, edit.target) for edit in edits])
+    reports = editor.edit_many([(edit.prompt, edit.target, edit.subject) for edit in edits])
     return peft_model, reports, time.perf_counter() - started, editor.num_keys()
 
 

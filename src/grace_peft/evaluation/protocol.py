@@ -182,8 +182,8 @@ def run_lifelong(editor: GraceEditor, records: Sequence[EditRecord], *,
         while len(reports) < len(records):
             first = len(reports)
             chunk = records[first:first + edit_batch_size]
-            reports.extend(editor.edit_many([(r.prompt, r.target) for r in chunk], batch_size=edit_batch_size,
-                                            progress=False))
+            reports.extend(editor.edit_many([(r.prompt, r.target, r.subject) for r in chunk],
+                                            batch_size=edit_batch_size, progress=False))
             count = len(reports)
             if immediate:
                 immediate_scores.append(evaluator.score(chunk, reference.subset(range(first, count))))

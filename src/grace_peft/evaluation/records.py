@@ -25,11 +25,11 @@ from pathlib import Path
 
 FORMATS = ("zsre", "counterfact", "jsonl")
 
-_ROLES = ("prompt", "target", "rephrase", "locality_prompt", "locality_answer")
+_ROLES = ("prompt", "target", "rephrase", "locality_prompt", "locality_answer", "subject")
 _KEYS = {  # format -> the key holding each role; detection tries the formats in this order
-    "zsre": ("src", "alt", "rephrase", "loc", "loc_ans"),
-    "counterfact": ("prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth"),
-    "jsonl": ("prompt", "target", "rephrase", "locality_prompt", "locality_answer"),
+    "zsre": ("src", "alt", "rephrase", "loc", "loc_ans", "subject"),
+    "counterfact": ("prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "subject"),
+    "jsonl": ("prompt", "target", "rephrase", "locality_prompt", "locality_answer", "subject"),
 }
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object",
                type(None): "null"}
@@ -50,6 +50,7 @@ class EditRecord:
     rephrase: str | None = None  # a paraphrase of the prompt (generalization, "Gen")
     locality_prompt: str | None = None  # an unrelated prompt that must not change ("Loc")
     locality_answer: str | None = None  # its answer (the teacher-forced continuation for Loc)
+    subject: str | None = None  # what the edit is about, as the prompt spells it (GraceConfig.subject_gate)
     source_index: int = -1  # position of the record in its file (0-based)
 
 
@@ -181,7 +182,7 @@ def _where(source: str, index: int, line: int | None, item: object) -> str:
 
 
 def _values(item: object, format: str, where: str) -> dict[str, str | None]:
-    """The five role values of one record: stripped strings, None for an empty optional field or empty target."""
+    """The role values of one record: stripped strings, None for an empty optional field or empty target."""
     keys = _KEYS[format]
     if not isinstance(item, dict):
         raise EditFileError(f"{where}: expected a JSON object with keys {keys[0]!r} and {keys[1]!r}, "
