@@ -95,6 +95,19 @@ def test_ask_correct_undo_on_plain_values(tiny):
     assert undone.edits == []
 
 
+def test_a_subject_gated_adapter_takes_the_subject_from_the_page(tiny):
+    shell = new_console(tiny, {"subject_gate": True, "eps_init": 50.0})
+    refused = shell.correct(PROMPT, TARGET)
+    assert refused.error and "names none" in refused.message
+    subject = PROMPT.split()[-2]  # "australia" in "the capital of australia is"
+    corrected = shell.correct(PROMPT, TARGET, subject)
+    edit_id = edit_id_of(corrected.message)
+    assert corrected.answer.split()[0] == TARGET and f"edit {edit_id} fired" in corrected.trace
+    other = PROMPT.replace(subject, "france")  # the same wording about another subject
+    assert shell.ask(other).answer == unedited_answer(tiny, other)
+    assert "its subject is not in the prompt" in shell.ask(other).trace
+
+
 @pytest.mark.parametrize(("action", "arguments", "expected"), [
     ("ask", ("  ",), "Type a prompt"),
     ("correct", ("", TARGET), "Type the prompt"),

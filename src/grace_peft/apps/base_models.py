@@ -27,7 +27,7 @@ SMOLLM2_OPTIMIZER = "line_search"
 # instead of .23, Loc 1.000), and so can prompts that share an edit's wording with another subject (CounterFact Loc
 # .78): for edits whose neighbours are not themselves facts the model must keep.
 SMOLLM2_KEY_LAYER = 3
-SMOLLM2_REWORDING_SETTINGS = {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.85}
+SMOLLM2_REWORDING_SETTINGS = {"key": "prompt_mean", "eps_split": "keep", "eps_init": 0.85, "subject_gate": True}
 
 # MLP output projection of block N, per model family, matched against the full module names.
 MLP_OUTPUT_PATTERNS = {

@@ -103,15 +103,16 @@ class Console:
         message = f"Answered; {' and '.join(fired)} fired." if fired else "Answered; no edit fired."
         return Reply(answer, trace.summary(), message)
 
-    def correct(self, prompt: str, target: str) -> Reply:
-        """Edit the model so that it answers ``target`` to ``prompt``, then ask ``prompt`` again."""
+    def correct(self, prompt: str, target: str, subject: str = "") -> Reply:
+        """Edit the model so that it answers ``target`` to ``prompt``, then ask ``prompt`` again (``subject``: what
+        the edit is about, needed when the adapter gates entries by subject)."""
         if not (prompt or "").strip():
             return Reply(None, None, "Type the prompt whose answer you correct.", error=True)
         if not (target or "").strip():
             return Reply(None, None, "Type the correct answer to edit the model with.", error=True)
         with self._lock:
             try:
-                report = self.editor.edit(prompt, target)
+                report = self.editor.edit(prompt, target, (subject or "").strip() or None)
             except ValueError as error:  # e.g. a prompt or target the tokenizer turns into nothing usable
                 return Reply(None, None, f"Not edited: {error}", error=True)
             if report.skipped:
@@ -259,6 +260,9 @@ def build_app(model: nn.Module, tokenizer, editor: GraceEditor, *, adapter_folde
         with gr.Row(equal_height=True):
             target = gr.Textbox(label="Correct answer", placeholder="What the model should answer to the prompt",
                                 scale=5, elem_id="target")
+            subject = gr.Textbox(label="Subject (as the prompt spells it)", scale=2, elem_id="subject",
+                                 visible=bool(editor.config.subject_gate),
+                                 placeholder="What the edit is about: it fires only on prompts that contain it")
             correct = gr.Button("Correct (edit)", variant="primary", scale=1, elem_id="correct")
         message = gr.Markdown(elem_id="message")
         edits = gr.Dataframe(value=console.edit_rows(), headers=EDIT_COLUMNS, label="Edits in the adapter",
@@ -274,8 +278,8 @@ def build_app(model: nn.Module, tokenizer, editor: GraceEditor, *, adapter_folde
         ask.click(ask_action, [prompt], shown)
         prompt.submit(ask_action, [prompt], shown)
         correct_action = action(console.correct)
-        correct.click(correct_action, [prompt, target], [*shown, edits])
-        target.submit(correct_action, [prompt, target], [*shown, edits])
+        correct.click(correct_action, [prompt, target, subject], [*shown, edits])
+        target.submit(correct_action, [prompt, target, subject], [*shown, edits])
         undo.click(action(console.undo), [edit_id, prompt], [*shown, edits])
         save.click(action(console.save, with_edits=False), [folder], shown)
         def pick(selected) -> str:  # a click on a row of the table fills in its edit id

@@ -56,6 +56,11 @@ UNRELATED_PROMPTS = (
     "The capital of China is",
     "The capital of Portugal is",
     "The chemical symbol for water is",
+    # other questions about the edits' own subjects: what a subject gate cannot veto
+    "The population of Germany is",
+    "Apple was founded by",
+    "The Eiffel Tower was built in",
+    "The largest city in Australia is",
 )
 
 
