@@ -202,3 +202,32 @@ def test_cli_edit_with_subject_gate_gates_the_saved_entries(tmp_path, capsys):
     code = cli.main(["edit", str(folder), str(edits), "--output", str(tmp_path / "b"), "--subject-gate", *options])
     assert code == 2 and "names none" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_subject_merged_into_the_next_token_is_gated_by_the_prompts_own_tokens():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from grace_peft.inputs import subject_gates
+
+    # a byte-level BPE that, like SmolLM2's, merges the subject's last "." with the "'" after it ("F.C.'s")
+    corpus = ["St Patrick's Athletic F.C.'s headquarters are in Dublin", "St Patrick's Athletic F.C. is based in",
+              "F.C.'s F.C.'s"] * 50
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    subject, prompt = "St Patrick's Athletic F.C.", "St Patrick's Athletic F.C.'s headquarters are in"
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    alone = tokenizer(subject, add_special_tokens=False)["input_ids"]
+    assert not any(prompt_ids[i:i + len(alone)] == alone for i in range(len(prompt_ids)))  # the merge, for real
+    gates = [gate.tolist() for gate in subject_gates(tokenizer, subject, prompt, prompt_ids)]
+    assert tokenizer.decode(gates[0]) == "St Patrick's Athletic F.C"  # the prompt's tokens within the subject
+    codebook = Codebook(2, 3, eps_init=1.0)
+    codebook.update(torch.zeros(2), torch.tensor([1]), edit_id=0, init_value=torch.zeros(3),
+                    gates=[torch.tensor(gate) for gate in gates])
+    reworded = tokenizer("St Patrick's Athletic F.C. is based in")["input_ids"]
+    other = tokenizer("Athletic F.C. is based in")["input_ids"]
+    assert codebook.gate_mask([prompt_ids, reworded, other]).flatten().tolist() == [True, True, False]

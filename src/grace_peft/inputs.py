@@ -90,7 +90,8 @@ def encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat: 
     (:func:`subject_gates`)."""
     encoded = _encode_edit(tokenizer, task, prompt, target, chat=chat)
     if subject is not None:
-        encoded.gates = subject_gates(tokenizer, subject, encoded.prompt_ids)
+        text = chat_prompt(tokenizer, prompt) if chat else prompt
+        encoded.gates = subject_gates(tokenizer, subject, text, encoded.prompt_ids, add_special_tokens=not chat)
     return encoded
 
 
@@ -128,23 +129,44 @@ def _encode_edit(tokenizer, task: Task, prompt: str, target: str | int, *, chat:
     )
 
 
-def subject_gates(tokenizer, subject: str, prompt_ids: list[int]) -> list[torch.Tensor]:
-    """The token sequences of ``subject`` that gate an edit's entry (:meth:`Codebook.gate_mask`): the subject as it
-    is tokenized at the start of a text and after a space, as given and with its first letter in the other case
-    ("gold" / "Gold's"); the prompt must contain one of them."""
+def subject_gates(tokenizer, subject: str, text: str, prompt_ids: list[int], *,
+                  add_special_tokens: bool = True) -> list[torch.Tensor]:
+    """The token sequences of ``subject`` that gate an edit's entry (:meth:`Codebook.gate_mask`): the prompt's own
+    tokens that lie within the subject's characters in ``text`` (the prompt as tokenized into ``prompt_ids``; a
+    token merged across the subject's end, as in "F.C.'s", is left out), and the subject tokenized on its own at the
+    start of a text and after a space, as given and with its first letter in the other case ("gold" / "Gold's").
+    One of them must occur in the prompt."""
     if not isinstance(subject, str) or not subject.strip():
         raise ValueError(f"An edit's subject must be non-empty text, got {subject!r}.")
     subject = subject.strip()
-    variants = []
+    span = _tokens_within(tokenizer, subject, text, add_special_tokens)
+    variants = [span] if span and not set(span) & set(tokenizer.all_special_ids) else []
     cases = dict.fromkeys((subject, subject[0].upper() + subject[1:], subject[0].lower() + subject[1:]))
-    for text in (form for case in cases for form in (case, " " + case)):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids and ids not in variants:
+    special = set(tokenizer.all_special_ids)  # a form the vocabulary lacks comes out as the unknown token
+    for form in (form for case in cases for form in (case, " " + case)):
+        ids = tokenizer(form, add_special_tokens=False)["input_ids"]
+        if ids and ids not in variants and not special & set(ids):
             variants.append(ids)
     if not any(_occurs(variant, prompt_ids) for variant in variants):
-        raise ValueError(f"The subject {subject!r} does not occur in the edit's prompt (as tokens): give the subject "
-                         "as the prompt spells it.")
+        raise ValueError(f"The subject {subject!r} does not occur in the edit's prompt: give the subject as the prompt "
+                         "spells it.")
     return [torch.tensor(variant) for variant in variants]
+
+
+def _tokens_within(tokenizer, subject: str, text: str, add_special_tokens: bool) -> list[int]:
+    """The tokens of ``text`` whose characters (leading spaces aside) lie within the first occurrence of ``subject``
+    (case-insensitive); empty when it does not occur or the tokenizer gives no character offsets."""
+    start = text.lower().find(subject.lower())
+    if start < 0 or not getattr(tokenizer, "is_fast", False):
+        return []
+    end = start + len(subject)
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    inside = []
+    for token, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        first += len(text[first:last]) - len(text[first:last].lstrip())
+        if start <= first < last <= end:
+            inside.append(token)
+    return inside
 
 
 def _occurs(sequence: list[int], ids: list[int]) -> bool:
