@@ -304,6 +304,7 @@ def test_inspect_json_equals_the_loaded_codebook(saved, capsys):
     assert module["radii"] == {"min": min(radii), "median": statistics.median(radii), "max": max(radii)}
     assert module["distinct_edit_ids"] == len(set(loaded.edit_ids.tolist()))
     assert module["edits_seen"] == int(loaded.next_edit_id) == 3
+    assert module["journal_records"] == len(loaded.journal) == 3 and module["gated_entries"] == 0
     assert module["value_norms"] == pytest.approx({"min": min(norms), "max": max(norms)})
     assert (module["key_dim"], module["value_dim"]) == (loaded.key_dim, loaded.value_dim)
     assert summary["config"] == {"base_model": saved.model, "target_modules": [saved.tiny.target],

@@ -164,6 +164,8 @@ def codebook_statistics(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         "value_dim": values.shape[-1],
         "distinct_edit_ids": len(set(tensors["edit_ids"].tolist())),
         "edits_seen": int(next_edit_id) if next_edit_id is not None else None,
+        "journal_records": tensors["journal_fields"].shape[0] if "journal_fields" in tensors else 0,
+        "gated_entries": len(set(tensors["gate_owners"].tolist())) if "gate_owners" in tensors else 0,
         "radii": {"min": min(radii, default=None), "median": statistics.median(radii) if radii else None,
                   "max": max(radii, default=None)},
         "value_norms": {"min": min(norms, default=None), "max": max(norms, default=None)},

@@ -483,7 +483,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         radii, norms = module["radii"], module["value_norms"]
         print(name)
         print(f"  {'keys':<15} {module['keys']} (key dim {module['key_dim']}, value dim {module['value_dim']})")
-        print(f"  {'edit ids':<15} {module['distinct_edit_ids']} distinct, {module['edits_seen']} edits seen")
+        print(f"  {'edit ids':<15} {module['distinct_edit_ids']} distinct, {module['edits_seen']} edits seen, "
+              f"{module['journal_records']} in the journal")
+        if module["gated_entries"]:
+            print(f"  {'subject gates':<15} on {module['gated_entries']} of {module['keys']} entries")
         print(f"  {'radii':<15} min {_number(radii['min'])}, median {_number(radii['median'])}, "
               f"max {_number(radii['max'])}")
         print(f"  {'value norms':<15} {_number(norms['min'])} to {_number(norms['max'])}")
