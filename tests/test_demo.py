@@ -51,9 +51,12 @@ def test_builtin_edit_set_has_36_clean_records():
         [(record["prompt"], record["target"], record["rephrase"]) for record in records]
 
 
-def test_unrelated_prompts_are_eight_and_not_edit_prompts():
+def test_unrelated_prompts_are_twelve_and_not_edit_prompts():
     edits = read_jsonl(demo.EDITS_FILE)
-    assert len(demo.UNRELATED_PROMPTS) == 8 == len(set(demo.UNRELATED_PROMPTS))
+    assert len(demo.UNRELATED_PROMPTS) == 12 == len(set(demo.UNRELATED_PROMPTS))
+    subjects = {edit.subject for edit in edits}
+    # four ask something else about an edit's own subject (the gate opens; the key must leave them alone)
+    assert sum(any(subject in prompt for subject in subjects) for prompt in demo.UNRELATED_PROMPTS) == 4
     edited = {edit.prompt for edit in edits} | {edit.rephrase for edit in edits}
     assert not edited & set(demo.UNRELATED_PROMPTS)
     assert all(prompt == prompt.strip() for prompt in demo.UNRELATED_PROMPTS)

@@ -4,7 +4,8 @@ Run ``python -m grace_peft.apps.demo`` (or ``make demo``). It
 
 1. greedily generates a few tokens for every edit prompt, paraphrase and unrelated prompt of the base model;
 2. wraps one MLP output projection with GRACE and applies the 36 built-in counterfactual edits
-   (``demo_edits.jsonl``) in a row;
+   (``demo_edits.jsonl``) in a row, with SmolLM2's rewording setting (a key that rewordings share, each entry gated
+   by its edit's subject; ``--paper-key`` for the paper's key);
 3. generates again and prints a before/after table and a summary;
 4. saves the adapter, loads it into a fresh copy of the base model in a new Python process, generates there and
    checks that the edits survive and the unrelated prompts are still the base model's.
@@ -56,7 +57,7 @@ UNRELATED_PROMPTS = (
     "The capital of China is",
     "The capital of Portugal is",
     "The chemical symbol for water is",
-    # other questions about the edits' own subjects: what a subject gate cannot veto
+    # other questions about the edits' own subjects: a subject gate does not veto these, the key must tell them apart
     "The population of Germany is",
     "Apple was founded by",
     "The Eiffel Tower was built in",
@@ -237,8 +238,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="decoder layer whose mlp.down_proj is edited")
     parser.add_argument("--eps-init", type=float, default=None,
                         help="radius of a new codebook key (default: SmolLM2's measured one; with --base: 1.0)")
-    parser.add_argument("--rewording", action="store_true",
-                        help="SmolLM2's opt-in settings for edits that hold on rewordings (see the README)")
+    parser.add_argument("--paper-key", action="store_true",
+                        help="SmolLM2 with the paper's key (the last prompt token at block 27, radius 8; what "
+                             "`grace-peft edit smollm2` uses without --rewording) instead of the rewording setting")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help=f"tokens generated per prompt (default: the target's + {EXTRA_NEW_TOKENS}, "
                              f"{UNRELATED_NEW_TOKENS} for unrelated prompts)")
@@ -258,8 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_saved is not None:
         check_saved(args.check_saved, args.base, args.request, args.result)
         return 0
-    if args.rewording and args.base is not None:
-        print("--rewording is SmolLM2's measured setting; with --base, name a key and radius yourself (see the README)",
+    if args.paper_key and args.base is not None:
+        print("--paper-key chooses between SmolLM2's measured settings; with --base the paper's key is used",
               file=sys.stderr)
         return 2
     if args.base is None and not smollm2.is_available():
@@ -269,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     edits = read_jsonl(args.edits, limit=args.limit)
     model, tokenizer = load_base(args.base)
     # SmolLM2 gets its measured key settings; another base the paper's key (calibrate it: see the README)
-    settings = (smollm2_settings(model, args.layer, rewording=args.rewording) if args.base is None
+    settings = (smollm2_settings(model, args.layer, rewording=not args.paper_key) if args.base is None
                 else {"target_modules": [mlp_output_projection(model, args.layer)]})
     if args.eps_init is not None:
         settings["eps_init"] = args.eps_init
