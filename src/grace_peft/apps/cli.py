@@ -290,26 +290,9 @@ def _add_no_progress(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------- edit
 def run_edit(args: argparse.Namespace) -> int:
     """``grace-peft edit``: apply the edits and save the adapter."""
-    options = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
-    if args.adapter:
-        given = [name for name in ("target_modules", "layer", "key_layer") if getattr(args, name) is not None]
-        given += ["rewording"] if args.rewording else []
-        given += list(options)
-        if given:
-            drop = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise CliError(f"--adapter continues an adapter with its own configuration; drop {drop}")
-        read_adapter_config(args.adapter)  # fail before loading the model
+    check_configuration_options(args, "--adapter continues an adapter with its own configuration")
     records = load_records(args.edits, args.format, args.limit)
-    model, tokenizer = load_model(args.model, args.dtype)
-    if args.adapter:
-        peft_model = load_adapter(model, args.adapter, is_trainable=False)
-    else:
-        defaults = smollm2_defaults(model, args)
-        peft_model = wrap_model(model, args, {**defaults, **options})
-        if "eps_init" not in options and "eps_init" not in defaults:
-            print(f"{PROG}: note: no radius is measured for this model and layer, so eps_init is "
-                  f"{GraceConfig.eps_init} in the key's own scale; measure one with '{PROG} calibrate {args.model} "
-                  f"-o DIR' (same target and key options) and edit with --adapter DIR", file=sys.stderr)
+    peft_model, tokenizer = model_to_edit(args)
     check_chat(args.chat, tokenizer, args.model)
     editor = GraceEditor(peft_model, tokenizer, progress=not args.no_progress, chat=args.chat)
     started = time.perf_counter()
@@ -332,6 +315,41 @@ def run_edit(args: argparse.Namespace) -> int:
         })
         print(f"report written to {args.report}")
     return 0
+
+
+def configuration_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The GraceConfig fields the command line sets (:data:`CONFIG_OPTIONS` that were given)."""
+    return {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name, None) is not None}
+
+
+def check_configuration_options(args: argparse.Namespace, why: str) -> None:
+    """With ``args.adapter``, refuse the options that would configure a new adapter (``why``: the reason), and
+    check the adapter folder before any model loads."""
+    if not args.adapter:
+        return
+    given = [name for name in ("target_modules", "layer", "key_layer") if getattr(args, name) is not None]
+    given += ["rewording"] if args.rewording else []
+    given += list(configuration_options(args))
+    if given:
+        drop = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise CliError(f"{why}; drop {drop}")
+    read_adapter_config(args.adapter)  # fail before loading the model
+
+
+def model_to_edit(args: argparse.Namespace) -> tuple[PeftModel, Any]:
+    """MODEL with the adapter ``args.adapter``, or with a new adapter configured by the options (SmolLM2's
+    measured settings where they apply), and its tokenizer."""
+    model, tokenizer = load_model(args.model, args.dtype)
+    if args.adapter:
+        return load_adapter(model, args.adapter, is_trainable=False), tokenizer
+    options = configuration_options(args)
+    defaults = smollm2_defaults(model, args)
+    peft_model = wrap_model(model, args, {**defaults, **options})
+    if "eps_init" not in options and "eps_init" not in defaults:
+        print(f"{PROG}: note: no radius is measured for this model and layer, so eps_init is "
+              f"{GraceConfig.eps_init} in the key's own scale; measure one with '{PROG} calibrate {args.model} "
+              f"-o DIR' (same target and key options) and edit with --adapter DIR", file=sys.stderr)
+    return peft_model, tokenizer
 
 
 def smollm2_defaults(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
@@ -541,24 +559,8 @@ def run_console(args: argparse.Namespace) -> int:
         console.import_gradio()
     except console.ConsoleUnavailable as error:
         raise CliError(str(error)) from None
-    options = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name, None) is not None}
-    if args.adapter:
-        given = [name for name in ("target_modules", "layer", "key_layer") if getattr(args, name) is not None]
-        given += ["rewording"] if args.rewording else []
-        if given or options:
-            drop = ", ".join("--" + name.replace("_", "-") for name in [*given, *options])
-            raise CliError(f"ADAPTER is edited with its own configuration; drop {drop}")
-        read_adapter_config(args.adapter)  # fail before loading the model
-    model, tokenizer = load_model(args.model, args.dtype)
-    if args.adapter:
-        peft_model = load_adapter(model, args.adapter, is_trainable=False)
-    else:
-        defaults = smollm2_defaults(model, args)
-        peft_model = wrap_model(model, args, {**defaults, **options})
-        if "eps_init" not in options and "eps_init" not in defaults:
-            print(f"{PROG}: note: no radius is measured for this model and layer, so eps_init is "
-                  f"{GraceConfig.eps_init} in the key's own scale; measure one with '{PROG} calibrate'",
-                  file=sys.stderr)
+    check_configuration_options(args, "ADAPTER is edited with its own configuration")
+    peft_model, tokenizer = model_to_edit(args)
     check_chat(args.chat, tokenizer, args.model)
     editor = GraceEditor(peft_model, tokenizer, progress=False, chat=args.chat)
     try:
