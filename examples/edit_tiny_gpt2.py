@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 import grace_peft  # noqa: F401  (registers GRACE with peft: needed before PeftModel.from_pretrained)
 from grace_peft import GraceConfig, GraceEditor
 
-WORDS = "<pad> the capital of australia is canberra sydney ceo apple leads tim cook satya who".split()
+WORDS = "<pad> the capital of australia france is canberra paris sydney ceo apple leads tim cook satya who".split()
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -7,34 +7,11 @@ commands on saved adapters: grace-peft list / trace / remove / merge. Run: pytho
 import sys
 import tempfile
 
-import torch
+from edit_tiny_gpt2 import build_base, build_tokenizer, next_word  # the tiny model of the first example
 from peft import PeftModel, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import grace_peft  # noqa: F401  (registers GRACE with peft: needed before PeftModel.from_pretrained)
 from grace_peft import GraceConfig, GraceEditor
-
-WORDS = "<pad> the capital of australia france is canberra paris sydney ceo apple leads tim cook satya who".split()
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
-
-
-def build_base() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(WORDS), n_embd=64, n_layer=2, n_head=2, n_positions=32, pad_token_id=0,
-                        bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
-
-
-def next_word(model, tokenizer, prompt: str) -> str:
-    with torch.no_grad():
-        logits = model(**tokenizer(prompt, return_tensors="pt")).logits
-    return tokenizer.decode(logits[0, -1].argmax())
 
 
 def main(output_dir: str) -> None:
