@@ -46,6 +46,12 @@ def test_a_trained_value_carries_the_edit_after_every_context(kind):
     assert not all(predicted_with_value(editor, f"{context} {PROMPT}", "paris", start) for context in contexts)
 
 
+def test_contexts_train_a_subject_gated_edit():
+    editor = editor_with("gpt2", value_contexts=2, subject_gate=True)
+    report = editor.edit(PROMPT, "paris", "australia")  # each context row carries the edit's subject too
+    assert report.success and codebook_of(editor.model).gate_owners.tolist()
+
+
 def test_each_training_step_sees_the_prompt_then_the_prompt_after_each_context():
     editor = editor_with("gpt2", value_contexts=3, value_init="cold")
     editor.frozen_blocks = []  # every training forward starts at the embeddings

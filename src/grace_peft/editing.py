@@ -402,7 +402,7 @@ class GraceEditor:
             if not edit.prompt:
                 raise ValueError("GraceConfig.value_contexts trains values on the prompt after other texts, so it "
                                  "needs the prompt's text: use edit()/edit_many(), or pass prompt= to apply().")
-            rows += [item.inputs, *(self._encode(Edit(f"{context} {edit.prompt}", edit.target)).inputs
+            rows += [item.inputs, *(self._encode(Edit(f"{context} {edit.prompt}", edit.target, edit.subject)).inputs
                                     for context in contexts)]
         return self._batch(rows), 1 + len(contexts)
 
