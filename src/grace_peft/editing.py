@@ -169,7 +169,8 @@ class GraceEditor:
     def edit(self, prompt: str, target: str | int, subject: str | None = None) -> EditReport:
         """Apply one edit and report what happened (``subject``: what it is about, as the prompt spells it; needed
         with ``GraceConfig.subject_gate``)."""
-        return self._apply_rows([self._encode(Edit(prompt, target, subject))], [Edit(prompt, target, subject)])[0]
+        edit = Edit(prompt, target, subject)
+        return self._apply_rows([self._encode(edit)], [edit])[0]
 
     def edit_many(self, edits_in: Iterable[EditLike], *, batch_size: int = 1,
                   progress: bool | None = None) -> list[EditReport]:

@@ -18,12 +18,20 @@ import torch
 from torch import nn
 
 from .codebook import Codebook
-from .inputs import Task, detect_task, encode_prompt, input_device, is_encoder_decoder, transformers_model
+from .inputs import (
+    Task,
+    detect_task,
+    encode_prompt,
+    input_device,
+    is_encoder_decoder,
+    pad_token_id,
+    transformers_model,
+)
 from .journal import UNKNOWN
 from .model import grace_layers
 
 __all__ = ["FiredEdits", "HistoryEdit", "ModuleTrace", "Neighbour", "Trace", "edit_history", "explain",
-           "fired_edits"]
+           "fired_edits", "greedy_answer"]
 
 
 # ---------------------------------------------------------------------------------------------- history
@@ -181,6 +189,19 @@ def explain(model: nn.Module, tokenizer, prompt: str, *, adapter_name: str = "de
 
 
 # ---------------------------------------------------------------------------------------------- generation
+@torch.no_grad()
+def greedy_answer(model: nn.Module, tokenizer, prompt: str, *, task: Task, chat: bool = False,
+                  max_new_tokens: int = 20) -> str:
+    """The model's greedy answer to ``prompt`` (a causal or seq2seq LM), tokenized as an edit's prompt is."""
+    inputs = {name: tensor.to(input_device(model))
+              for name, tensor in encode_prompt(tokenizer, task, prompt, chat=chat).items()}
+    output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                            pad_token_id=pad_token_id(tokenizer))
+    # causal LMs return prompt + new tokens; seq2seq the decoder start token + new tokens
+    start = inputs["input_ids"].shape[1] if task is Task.CAUSAL_LM else 1
+    return tokenizer.decode(output[0, start:].tolist(), skip_special_tokens=True)
+
+
 @dataclass
 class FiredEdits:
     """Filled by :func:`fired_edits`: ``rows[i]`` maps each wrapped module to the edit id that fired for row ``i``

@@ -27,12 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..editing import GraceEditor
-from ..inputs import Task, encode_prompt, input_device, pad_token_id
-from ..inspection import Trace
+from ..inputs import Task
+from ..inspection import Trace, greedy_answer
 
 INSTALL_HINT = 'pip install "grace-peft[console]"'
 DEFAULT_NEW_TOKENS = 20
@@ -183,17 +182,10 @@ class Console:
         return header
 
     # ------------------------------------------------------------------------------------------ helpers
-    @torch.no_grad()
     def _answer(self, prompt: str) -> tuple[str, Trace]:
         """The greedy answer to ``prompt``, and which edit fired for it."""
-        inputs = encode_prompt(self.tokenizer, self.editor.task, prompt, chat=self.editor.chat)
-        device = input_device(self.model)
-        inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
-        output = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
-                                     pad_token_id=pad_token_id(self.tokenizer))
-        # causal LMs return prompt + new tokens; seq2seq the decoder start token + new tokens
-        start = inputs["input_ids"].shape[1] if self.editor.task is Task.CAUSAL_LM else 1
-        answer = self.tokenizer.decode(output[0, start:].tolist(), skip_special_tokens=True)
+        answer = greedy_answer(self.model, self.tokenizer, prompt, task=self.editor.task, chat=self.editor.chat,
+                               max_new_tokens=self.max_new_tokens)
         return answer, self.editor.explain(prompt, neighbours=NEIGHBOURS)
 
     def _held_ids(self) -> list[int]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ..adapter_files import AdapterFileError, read_adapter_config, saved_codebooks, write_adapter
 from ..codebook import Removal
 from ..editing import GraceEditor
-from ..inputs import Task, encode_prompt, input_device, pad_token_id
-from ..inspection import edit_history
+from ..inputs import Task
+from ..inspection import edit_history, greedy_answer
 from ..merging import merge_codebook, merged_edit_ids
 
 
@@ -188,15 +186,10 @@ def _answers(editor: GraceEditor, prompt: str, new_tokens: int) -> dict[str, str
     """Greedy answers to ``prompt`` with and without the adapter (none for a classifier)."""
     if editor.task is Task.SEQUENCE_CLASSIFICATION:
         return {}
-    inputs = {name: tensor.to(input_device(editor.model))
-              for name, tensor in encode_prompt(editor.tokenizer, editor.task, prompt, chat=editor.chat).items()}
-    start = 0 if editor.task is Task.SEQ2SEQ_LM else inputs["input_ids"].shape[1]
 
     def answer() -> str:
-        with torch.no_grad():
-            output = editor.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                                           pad_token_id=pad_token_id(editor.tokenizer))
-        return editor.tokenizer.decode(output[0, start:], skip_special_tokens=True)
+        return greedy_answer(editor.model, editor.tokenizer, prompt, task=editor.task, chat=editor.chat,
+                             max_new_tokens=new_tokens)
 
     edited = answer()
     with editor.model.disable_adapter():
