@@ -191,6 +191,10 @@ def test_undo_equals_the_stream_without_the_edit_when_no_later_edit_depended_on_
     for edit_id, (query, label) in enumerate(stream):
         if edit_id != removed:
             edit(without, query, [label], edit_id)
+    changed = {record.changed for record in records if record.edit_id == removed and record.changed >= 0}
+    later_without = [record for record in without.journal.records() if record.edit_id > removed]
+    if any(record.nearest in changed or record.touches(index) for record in later_without for index in changed):
+        return  # before this edit changed it, that entry was a later edit's nearest: the streams differ by design
     removal = with_it.remove_edit(removed)
     assert removal.complete
     assert_same_codebook(with_it, without)

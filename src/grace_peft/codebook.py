@@ -382,9 +382,9 @@ class Codebook(nn.Module):
         """Take edit ``edit_id`` back from its journal record: the entry it created leaves the codebook, and every
         part of an entry it changed (radius, key, value, label) goes back to its state before the edit, unless a
         later edit changed that part since (then it stays, and the :class:`Removal` says so). When no later edit
-        touched those entries or found one of them nearest (so none was placed by them), the codebook equals that of
-        the same edits without this one (ids are never reused: ``next_edit_id`` stays). Raises ``KeyError`` when
-        the journal holds no record of the edit."""
+        touched those entries or found one of them nearest, with this edit or without it (so none was placed by
+        them), the codebook equals that of the same edits without this one (ids are never reused: ``next_edit_id``
+        stays). Raises ``KeyError`` when the journal holds no record of the edit."""
         positions = self.journal.positions_of(edit_id)
         if not positions:
             raise KeyError(edit_id)
